@@ -1,0 +1,353 @@
+"""A compact Llama-style decoder-only transformer.
+
+Read top to bottom: config, RMSNorm, RoPE, Attention, FeedForward, Block, Transformer, KV cache,
+then loading/saving Hugging Face Llama checkpoints. This file knows nothing of training, data or TAIA;
+it only keeps the attention and feed-forward parts of every block as separate, clearly named
+submodules (`blocks.N.attn.*` and `blocks.N.ffn.*`), because TAIA is about exactly that split.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128  # width of the residual stream
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # < n_heads gives grouped-query attention; None means n_heads
+    vocab_size: int = 512
+    hidden_dim: int = 512  # width of the SwiGLU feed-forward layer
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    tie_embeddings: bool = False  # share the token embedding with the output head
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim ({self.dim}) must divide by n_heads ({self.n_heads}), "
+                             f"and n_heads by n_kv_heads ({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("the head dimension dim // n_heads must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+PRESETS = {
+    # ~1.1M parameters: small enough to pretrain on a laptop CPU in minutes.
+    "toy": ModelConfig(dim=128, n_layers=4, n_heads=4, vocab_size=512, hidden_dim=512),
+    # GPT-2-small-sized Llama (~124M with a 32k vocabulary), for GPU throughput checks.
+    "124m": ModelConfig(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048,
+                        max_seq_len=1024),
+    "tinyllama-1.1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000,
+                                  hidden_dim=5632, max_seq_len=2048),
+    "llama2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008,
+                             norm_eps=1e-5, max_seq_len=4096),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 for stability under bf16/fp16, as Llama does, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float):
+    """Real-valued rotary tables, (max_seq_len, head_dim) each, in the half-split layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # pair dimension i with i + head_dim/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, head_dim) by position. Half-split layout, as Hugging Face Llama stores
+    q/k weights, so its checkpoints load without permuting rows."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding, preallocated for `max_len`.
+    Passed into `Transformer.forward`; the model holds no decoding state of its own."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already stored
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, kv_heads, T, head_dim) after the cached positions; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with grouped-query heads and RoPE (the TAIA 'attention' part)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)
+        # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # new queries sit after `past` cached positions: query i sees keys 0 .. past + i
+            mask = torch.arange(past + T, device=x.device) <= past + torch.arange(T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The TAIA 'feed-forward' part, restored after fine-tuning."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Non-persistent: derived from the config, so never stored in (or expected from) a checkpoint.
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self)
+
+    def forward(self, tokens, cache: KVCache | None = None):
+        """tokens (B, T) -> logits (B, T, vocab_size), float32. With a cache, tokens continue it."""
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        cos = self.rope_cos[start:start + T].to(x.dtype)
+        sin = self.rope_sin[start:start + T].to(x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x)).float()
+
+    def param_groups(self, weight_decay: float):
+        """AdamW groups: decay the 2-D weights (matrices, embeddings); never norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 eos_id: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
+        """Continue tokens (B, T); return (B, T + new) with the prompt and the continuation.
+        temperature 0 is greedy. Once every row has produced eos_id, decoding stops early; rows that
+        finished sooner are padded with eos_id."""
+        B, T = tokens.shape
+        total = T + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len {self.cfg.max_seq_len}")
+        cache = KVCache(self.cfg, B, total, tokens.device, self.embed.weight.dtype) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        out = tokens
+        for _ in range(max_new_tokens):
+            # With a cache only the newest token goes in; without one, recompute the whole sequence.
+            step_input = out if cache is None or cache.pos == 0 else out[:, -1:]
+            logits = self(step_input, cache)[:, -1]
+            nxt = sample(logits, temperature, top_k, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32):
+        """Load a Hugging Face Llama directory (config.json + model.safetensors or sharded safetensors)."""
+        return load_hf_llama(path, dtype)
+
+    def save_pretrained(self, path: str):
+        """Write config.json + model.safetensors that transformers.LlamaForCausalLM loads."""
+        save_hf_llama(self, path)
+
+
+def sample(logits, temperature: float, top_k: int | None, generator=None):
+    """Next token per row from logits (B, vocab): argmax at temperature 0, else softmax sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def init_weights(model: Transformer):
+    """Normal(0, 0.02) for every linear and embedding matrix; the two projections that write into the
+    residual stream (attn.o_proj, ffn.down_proj) scaled by 1/sqrt(2 * n_layers), as in GPT-2, so the
+    stream's variance does not grow with depth. Norm weights stay at one."""
+    std = 0.02
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * model.cfg.n_layers))
+        else:
+            nn.init.normal_(p, 0.0, std)
+
+
+# ---- Hugging Face Llama checkpoints --------------------------------------------------------------
+# Our module names differ from HF's only in these path components; the tensors are identical.
+HF_PARTS = {"embed": "embed_tokens", "blocks": "layers", "attn": "self_attn", "ffn": "mlp",
+            "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+OUR_PARTS = {hf: ours for ours, hf in HF_PARTS.items()}
+
+
+def hf_to_ours(name: str) -> str:
+    """'model.layers.0.mlp.up_proj.weight' -> 'blocks.0.ffn.up_proj.weight'."""
+    return ".".join(OUR_PARTS.get(part, part) for part in name.removeprefix("model.").split("."))
+
+
+def ours_to_hf(name: str) -> str:
+    hf = ".".join(HF_PARTS.get(part, part) for part in name.split("."))
+    return hf if hf.startswith("lm_head.") else "model." + hf
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"not a Llama checkpoint: model_type is {hf.get('model_type')!r}")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError("RoPE scaling (e.g. Llama 3.1's) is not supported by this model")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("attention/MLP biases are not supported by this model")
+    cfg = ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                      n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"],
+                      hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                      max_seq_len=hf.get("max_position_embeddings", 2048),
+                      tie_embeddings=hf.get("tie_word_embeddings", False))
+    if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    return cfg
+
+
+def load_hf_llama(path: str, dtype=torch.float32) -> Transformer:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("reading Hugging Face checkpoints needs the safetensors package: "
+                          "pip install safetensors") from None
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for file in files:
+        state.update({hf_to_ours(k): v for k, v in load_file(os.path.join(path, file)).items()})
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state.get("embed.weight")  # the tied head is the embedding
+    with torch.device("meta"):  # build without allocating or initialising: the weights come from disk
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"checkpoint does not match its config: missing {sorted(expected - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - expected)[:5]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # The rope tables were made on the meta device; rebuild them for real.
+    cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos, sin
+    return model
+
+
+def save_hf_llama(model: Transformer, path: str):
+    from safetensors.torch import save_file
+    cfg = model.cfg
+    os.makedirs(path, exist_ok=True)
+    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+                 "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                 "num_key_value_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size,
+                 "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+                 "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+                 "hidden_act": "silu", "head_dim": cfg.head_dim, "torch_dtype": str(model.embed.weight.dtype)[6:]}
+    state = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del state["lm_head.weight"]  # safetensors stores no shared tensors; HF re-ties on load
+    # Write under temporary names and rename, so an interrupted save never leaves a half-written file.
+    save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))

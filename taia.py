@@ -1,0 +1,173 @@
+"""TAIA: Train All parameters, Infer with Attention only (Jiang et al., NeurIPS 2024, arXiv 2405.20192).
+
+Fine-tune every parameter as usual; at inference keep the fine-tuned attention and put the original
+feed-forward (FFN) weights back. The paper finds the attention updates carry what transfers to the
+downstream task, while the FFN updates overwrite knowledge the pretrained model stored there.
+
+Everything here is a function over parameter names and tensors: it works on any `nn.Module` or state
+dict whose names say which block part a tensor is in. To port it, adapt `group_of` (and the two name
+tuples it uses) to your model's names; nothing else depends on naming.
+
+Full fine-tuning:             LoRA on every linear layer of the blocks:
+    base = snapshot(model)        add_lora(model, rank=16, alpha=32)   # paper default
+    ...fine-tune model...         ...fine-tune (only adapters train)...
+    rebuild(model, base)          state = merge_lora(model, "taia")    # FFN adapters dropped
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
+GROUPS = ("attention", "ffn", "norm", "embedding", "head")
+
+
+def is_ffn(name: str) -> bool:
+    """The one predicate that defines 'the FFN' for TAIA: the gate/up/down matrices of every block,
+    e.g. 'blocks.3.ffn.up_proj.weight' (ours) or 'model.layers.3.mlp.up_proj.weight' (Hugging Face).
+    Only the weight matrices: LoRA adapters ('...up_proj.lora_A') and norms are not the FFN."""
+    parts = name.split(".")
+    return ("ffn" in parts or "mlp" in parts) and len(parts) >= 2 and parts[-2] in FFN_MATRICES \
+        and parts[-1] == "weight"
+
+
+def is_attention(name: str) -> bool:
+    """The q/k/v/o matrices of every block ('blocks.3.attn.q_proj.weight', '...self_attn.q_proj.weight')."""
+    parts = name.split(".")
+    return ("attn" in parts or "self_attn" in parts) and len(parts) >= 2 and parts[-2] in ATTENTION_MATRICES \
+        and parts[-1] == "weight"
+
+
+def group_of(name: str) -> str:
+    """Which of GROUPS a parameter belongs to. Unknown names are an error, never silently 'other'."""
+    if is_ffn(name):
+        return "ffn"
+    if is_attention(name):
+        return "attention"
+    owner = name.split(".")[-2] if "." in name else name
+    if "norm" in owner:  # attn_norm, ffn_norm, the final norm (HF: input_layernorm, ..., norm)
+        return "norm"
+    if "embed" in owner:  # embed, HF's embed_tokens
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "head"
+    raise ValueError(f"taia: cannot tell which group parameter {name!r} belongs to; adapt group_of()")
+
+
+# Which groups each mode takes from the fine-tuned model (the rest come from the base model).
+# Norms, embeddings and the output head follow `others`: "tuned" (default) keeps their fine-tuned
+# values, as the authors' code does (it reverts only the FFN matrices); "base" reverts them too.
+MODE_TUNED = {"base": set(), "vanilla": set(GROUPS), "taia": {"attention"}, "taif": {"ffn"}}
+MODES = tuple(MODE_TUNED)
+
+
+def tuned_groups(mode: str, others: str = "tuned") -> set:
+    if mode not in MODE_TUNED:
+        raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    if others not in ("tuned", "base"):
+        raise ValueError(f"others must be 'tuned' or 'base', not {others!r}")
+    keep = set(MODE_TUNED[mode])
+    if others == "tuned" and mode in ("taia", "taif"):
+        keep |= {"norm", "embedding", "head"}
+    return keep
+
+
+def mix(base_state: dict, tuned_state: dict, tuned: set) -> dict:
+    """A state dict with the groups in `tuned` from tuned_state and all others from base_state.
+    The tensors are shared with the inputs, not copied. Key sets and shapes must match exactly."""
+    check_same_layout(base_state, tuned_state, "base", "tuned")
+    if not tuned <= set(GROUPS):
+        raise ValueError(f"unknown groups {sorted(tuned - set(GROUPS))}: choose from {GROUPS}")
+    return {k: tuned_state[k] if group_of(k) in tuned else base_state[k] for k in tuned_state}
+
+
+def combine(base_state: dict, tuned_state: dict, mode: str, others: str = "tuned") -> dict:
+    """The weights to infer with: 'base' (no fine-tuning), 'vanilla' (all updates), 'taia' (tuned
+    attention, original FFN) or 'taif' (tuned FFN, original attention)."""
+    return mix(base_state, tuned_state, tuned_groups(mode, others))
+
+
+# ---- Full fine-tuning: snapshot the FFN before, rebuild after --------------------------------------
+
+def snapshot(model: nn.Module) -> dict:
+    """CPU copies of exactly the FFN weights, taken before fine-tuning. Nothing else is stored:
+    TAIA needs only these to rebuild (about 2/3 of a Llama block's parameters)."""
+    snap = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if is_ffn(n)}
+    if not snap:
+        raise ValueError("taia.snapshot: the model has no parameters that is_ffn() recognises")
+    return snap
+
+
+def rebuild(model: nn.Module, snap: dict) -> nn.Module:
+    """In place: put the snapshot's original FFN weights back; every other parameter keeps its tuned
+    value. Refuses a snapshot whose names or shapes do not match this model's FFN."""
+    ffn = {n: p for n, p in model.named_parameters() if is_ffn(n)}
+    check_same_layout(ffn, snap, "model FFN", "snapshot")
+    with torch.no_grad():
+        for name, p in ffn.items():
+            p.copy_(snap[name])
+    return model
+
+
+def check_same_layout(a: dict, b: dict, a_name: str, b_name: str):
+    if set(a) != set(b):
+        raise ValueError(f"taia: {b_name} does not match {a_name}: missing {sorted(set(a) - set(b))[:3]}, "
+                         f"unexpected {sorted(set(b) - set(a))[:3]}")
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(f"taia: {k} has shape {tuple(b[k].shape)} in {b_name}, {tuple(a[k].shape)} in {a_name}")
+
+
+# ---- LoRA on every linear layer of the blocks (the paper's default setting) ----------------------
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, with W frozen and only A, B trained.
+    B starts at zero, so the wrapped model starts exactly at the base model."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight = base.weight  # same name as in nn.Linear, so merged state dicts keep their keys
+        self.weight.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta(self):
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def add_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.05) -> nn.Module:
+    """In place: wrap every attention and FFN linear layer in LoRA and freeze everything else
+    (embeddings, norms, output head, the wrapped weights); only the adapters train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (is_ffn(n + ".weight") or is_attention(n + ".weight"))]
+    if not targets:
+        raise ValueError("taia.add_lora: no attention or FFN linear layers found")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, LoRALinear(linear, rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model: nn.Module, mode: str = "vanilla") -> dict:
+    """A plain state dict (the model's names without adapters) with the adapters of the groups that
+    `mode` tunes merged into their weights: TAIA merges attention adapters and drops FFN adapters.
+    Under LoRA only the adapters train, so norms, embeddings and head are the base's in every mode."""
+    keep = tuned_groups(mode)
+    state = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith((".lora_A", ".lora_B")):
+                continue
+            if name.endswith(".weight") and isinstance(lora := model.get_submodule(name[:-7]), LoRALinear) \
+                    and group_of(name) in keep:
+                tensor = tensor + lora.delta().to(tensor.dtype)
+            state[name] = tensor
+    return state
