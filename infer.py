@@ -1,0 +1,194 @@
+"""Talk to, or evaluate, any TAIA mode of a model fine-tuned by train.py.
+
+    python infer.py --mode taia --prompt "Instruction: city for Kalo? Response:"
+    python infer.py --modes base,vanilla,taia,taif --eval out/data/ood_test.jsonl
+
+Modes (see taia.py): base (pretrained weights), vanilla (all fine-tuning updates), taia (tuned
+attention, original FFN: rebuilt from the FFN snapshot), taif (tuned FFN, original attention), and for
+the provenance ablation only-<group> (only that group tuned, the rest base; groups: attention, ffn,
+norm, embedding, head).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import taia
+from data.text import DataError, encode_example, example_batch, load_tokenizer, read_examples
+from model import ModelConfig, Transformer
+
+FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.pt", "tokenizer": "tokenizer.model"}
+
+
+def load_checkpoint(path: str) -> dict:
+    """{"model": state_dict, "config": dict, ...}; weights_only=True so a file can never run code."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle with code in it, not a checkpoint at all
+        raise DataError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
+    model = Transformer(cfg)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        raise DataError(f"checkpoint does not fit the model: missing {sorted(expected - set(state))[:3]}, "
+                        f"unexpected {sorted(set(state) - expected)[:3]}")
+    for name, tensor in model.state_dict().items():
+        if state[name].shape != tensor.shape:
+            raise DataError(f"checkpoint does not fit the model: {name} is {tuple(state[name].shape)}, "
+                            f"expected {tuple(tensor.shape)}")
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+class Weights:
+    """The three files fine-tuning leaves in out_dir: base, tuned, and the FFN snapshot."""
+
+    def __init__(self, out_dir: str):
+        base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
+        tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]))
+        self.snapshot = load_checkpoint(os.path.join(out_dir, FILES["snapshot"]))["ffn"]
+        if base["config"] != tuned["config"]:
+            raise DataError(f"{FILES['tuned']} and {FILES['base']} in {out_dir} come from different models")
+        self.cfg = ModelConfig(**base["config"])
+        self.base, self.tuned = base["model"], tuned["model"]
+
+    def build(self, mode: str, device="cpu") -> Transformer:
+        if mode == "taia":  # the method as deployed: tuned model, original FFN put back
+            return taia.rebuild(model_from_state(self.cfg, self.tuned, device), self.snapshot)
+        if mode.startswith("only-"):
+            return model_from_state(self.cfg, taia.mix(self.base, self.tuned, {mode[5:]}), device)
+        return model_from_state(self.cfg, taia.combine(self.base, self.tuned, mode), device)
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS}
+    bad = [m for m in modes if m not in known]
+    if bad or not modes:
+        raise DataError(f"unknown mode {bad[0] if bad else text!r}: choose from {', '.join(sorted(known))}")
+    return modes
+
+
+@torch.no_grad()
+def exact_match(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> float:
+    """Fraction of examples whose greedy continuation of the prompt is exactly the response + EOS.
+    Computed in one teacher-forced pass: greedy decoding reproduces the reference if and only if every
+    reference token is the argmax given the reference tokens before it."""
+    device = next(model.parameters()).device
+    encoded = sorted((encode_example(e, sp) for e in examples), key=lambda pair: len(pair[0]))
+    for ids, _ in encoded:
+        if len(ids) - 1 > model.cfg.max_seq_len:
+            raise DataError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
+    correct = 0
+    for i in range(0, len(encoded), batch_size):
+        inputs, targets = example_batch(encoded[i:i + batch_size], pad_id=sp.eos_id())
+        inputs, targets = inputs.to(device), targets.to(device)
+        hit = (model(inputs).argmax(-1) == targets) | (targets == -100)
+        correct += int(hit.all(dim=1).sum())
+    return correct / len(examples)
+
+
+def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cpu") -> dict:
+    """{set name: {mode: exact-match accuracy}} for every mode on every set."""
+    results = {name: {} for name in eval_sets}
+    for mode in modes:
+        model = weights.build(mode, device)
+        for name, examples in eval_sets.items():
+            results[name][mode] = exact_match(model, examples, sp)
+    return results
+
+
+def format_table(results: dict, modes: list[str]) -> str:
+    width = max(len(name) for name in results) + 2
+    lines = [" " * width + "".join(f"{m:>12}" for m in modes)]
+    for name, row in results.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * row[m]:>11.1f}%" for m in modes))
+    return "\n".join(lines)
+
+
+def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, seed: int = 0) -> str:
+    ids = [sp.bos_id()] + sp.encode(prompt)
+    if any(i >= model.cfg.vocab_size for i in ids):
+        raise DataError("the tokenizer produced ids beyond the model's vocabulary: they do not belong together")
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+    if max_new_tokens <= 0:
+        raise DataError(f"the prompt ({len(ids)} tokens) leaves no room within max_seq_len {model.cfg.max_seq_len}")
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, sp.eos_id(),
+                         torch.Generator(device).manual_seed(seed))
+    new = [t for t in out[0, len(ids):].tolist() if t != sp.eos_id()]
+    return sp.decode(new)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out", help="where train.py left base.pt, finetuned.pt, "
+                   "ffn_snapshot.pt and tokenizer.model (default: out)")
+    p.add_argument("--mode", default="taia", help="the mode to generate with (default: taia)")
+    p.add_argument("--modes", default=None, help="comma-separated modes to evaluate side by side with --eval "
+                   "(default: base,vanilla,taia,taif)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to continue; repeat for several")
+    p.add_argument("--eval", action="append", default=[], metavar="FILE.jsonl",
+                   help='print exact-match accuracy on {"prompt", "response"} lines; repeat for several files')
+    p.add_argument("--json", metavar="FILE", help="also write the --eval results to FILE as JSON")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling when --temperature > 0")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    args = p.parse_args(argv)
+    if not args.prompt and not args.eval:
+        p.error("give --prompt TEXT or --eval FILE.jsonl")
+    if args.temperature < 0 or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
+        p.error("--temperature must be >= 0, --max_new_tokens and --top_k >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    modes = parse_modes(args.modes or "base,vanilla,taia,taif")
+    parse_modes(args.mode)
+    sp = load_tokenizer(os.path.join(args.out_dir, FILES["tokenizer"]))
+    weights = Weights(args.out_dir)
+    if sp.vocab_size() != weights.cfg.vocab_size:
+        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, the model {weights.cfg.vocab_size}")
+    if args.eval:
+        sets = {os.path.splitext(os.path.basename(f))[0]: read_examples(f) for f in args.eval}
+        results = evaluate(weights, modes, sets, sp, args.device)
+        print(format_table(results, modes))
+        if args.json:
+            write_json(args.json, {"results": results})
+    if args.prompt:
+        model = weights.build(args.mode, args.device)
+        for prompt in args.prompt:
+            print(generate_text(model, sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
+def write_json(path: str, obj):
+    """Write to a temporary name, then rename: never a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run_cli(main_fn):
+    """Bad input of any kind: one line on stderr and exit status 2, never a traceback."""
+    try:
+        main_fn()
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main)
