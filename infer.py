@@ -57,6 +57,8 @@ class Weights:
             raise DataError(f"{FILES['tuned']} and {FILES['base']} in {out_dir} come from different models")
         self.cfg = ModelConfig(**base["config"])
         self.base, self.tuned = base["model"], tuned["model"]
+        self.seed = base.get("seed")
+        self.meta = {"pretrain": base.get("pretrain"), "finetune": tuned.get("finetune")}
 
     def build(self, mode: str, device="cpu") -> Transformer:
         if mode == "taia":  # the method as deployed: tuned model, original FFN put back
@@ -75,38 +77,60 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+def word_end_table(sp) -> torch.Tensor:
+    """For every piece id: does it end the word before it? (EOS, a piece that starts a new word with
+    sentencepiece's "▁" marker, or punctuation.)"""
+    table = torch.zeros(sp.vocab_size(), dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        piece = sp.id_to_piece(i)
+        table[i] = i == sp.eos_id() or piece.startswith("▁") or (piece.isascii() and not piece.isalnum()
+                                                                 and not sp.is_byte(i) and not sp.is_control(i))
+    return table
+
+
 @torch.no_grad()
-def exact_match(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> float:
-    """Fraction of examples whose greedy continuation of the prompt is exactly the response + EOS.
+def score(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> dict:
+    """Two accuracies of the greedy continuation of each prompt:
+    - "exact": exactly the response, then EOS (the model answers and stops);
+    - "answer": starts with the response as whole words (answer extraction, as the paper's evaluations
+      read an answer out of a longer output; "Paris is the city..." counts, "Parisian" does not).
     Computed in one teacher-forced pass: greedy decoding reproduces the reference if and only if every
     reference token is the argmax given the reference tokens before it."""
     device = next(model.parameters()).device
+    ends_word = word_end_table(sp).to(device)
     encoded = sorted((encode_example(e, sp) for e in examples), key=lambda pair: len(pair[0]))
     for ids, _ in encoded:
         if len(ids) - 1 > model.cfg.max_seq_len:
             raise DataError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
-    correct = 0
+    exact = answer = 0
     for i in range(0, len(encoded), batch_size):
         inputs, targets = example_batch(encoded[i:i + batch_size], pad_id=sp.eos_id())
         inputs, targets = inputs.to(device), targets.to(device)
-        hit = (model(inputs).argmax(-1) == targets) | (targets == -100)
-        correct += int(hit.all(dim=1).sum())
-    return correct / len(examples)
+        predicted = model(inputs).argmax(-1)
+        is_eos = targets == sp.eos_id()  # the position right after the response
+        hit = (predicted == targets) | (targets == -100)
+        exact += int(hit.all(dim=1).sum())
+        response_ok = (hit | is_eos).all(dim=1)
+        stops_word = (ends_word[predicted] | ~is_eos).all(dim=1)
+        answer += int((response_ok & stops_word).sum())
+    return {"exact": exact / len(examples), "answer": answer / len(examples)}
 
 
 def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cpu") -> dict:
-    """{set name: {mode: exact-match accuracy}} for every mode on every set."""
-    results = {name: {} for name in eval_sets}
+    """{metric: {set name: {mode: accuracy}}} for both metrics of `score`, every mode, every set."""
+    results = {"answer": {name: {} for name in eval_sets}, "exact": {name: {} for name in eval_sets}}
     for mode in modes:
         model = weights.build(mode, device)
         for name, examples in eval_sets.items():
-            results[name][mode] = exact_match(model, examples, sp)
+            for metric, value in score(model, examples, sp).items():
+                results[metric][name][mode] = value
     return results
 
 
-def format_table(results: dict, modes: list[str]) -> str:
+def format_table(results: dict, modes: list[str], title: str) -> str:
+    """One row per evaluation set, one column per mode, accuracies in percent."""
     width = max(len(name) for name in results) + 2
-    lines = [" " * width + "".join(f"{m:>12}" for m in modes)]
+    lines = [f"{title:<{width}}" + "".join(f"{m:>12}" for m in modes)]
     for name, row in results.items():
         lines.append(f"{name:<{width}}" + "".join(f"{100 * row[m]:>11.1f}%" for m in modes))
     return "\n".join(lines)
@@ -162,7 +186,8 @@ def main(argv=None):
     if args.eval:
         sets = {os.path.splitext(os.path.basename(f))[0]: read_examples(f) for f in args.eval}
         results = evaluate(weights, modes, sets, sp, args.device)
-        print(format_table(results, modes))
+        print(format_table(results["answer"], modes, "answer match"))
+        print(format_table(results["exact"], modes, "exact match"))
         if args.json:
             write_json(args.json, {"results": results})
     if args.prompt:

@@ -123,15 +123,13 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)
-        # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        # Grouped-query attention: enable_gqa lets each key/value head serve n_heads // n_kv_heads query
+        # heads without copying it that many times (the copy would cost a whole cache's worth per token).
+        if past == 0 or T == 1:  # a fresh sequence is plainly causal; one new token sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:  # new queries sit after `past` cached positions: query i sees keys 0 .. past + i
             mask = torch.arange(past + T, device=x.device) <= past + torch.arange(T, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

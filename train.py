@@ -30,11 +30,10 @@ import taia
 from data.text import (DataError, encode_example, example_batch, load_tokenizer, random_windows, read_examples,
                        read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
-from infer import (FILES, Weights, evaluate, format_table, load_checkpoint, model_from_state, run_cli,
-                   write_json)
+from infer import (FILES, Weights, evaluate, format_table, load_checkpoint, model_from_state, parse_modes,
+                   run_cli, write_json)
 from model import PRESETS, ModelConfig, Transformer
 
-MODES = ["base", "vanilla", "taia", "taif"]
 TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
 
 
@@ -51,6 +50,9 @@ def parse_args(argv=None):
     a("--finetune_set", default="ood", choices=["ood", "id"],
       help="toy world: out-of-distribution fine-tuning data (default) or the in-distribution control")
     a("--eval", action="append", default=[], metavar="FILE.jsonl", help="evaluation set (repeatable)")
+    a("--modes", default="base,vanilla,taia,taif",
+      help="modes to evaluate (infer.py lists them; e.g. add only-attention,only-embedding for the provenance "
+           "ablation)")
     a("--vocab_size", type=int, default=768, help="sentencepiece vocabulary trained on the pretraining text")
     # model
     a("--preset", default="toy", choices=sorted(PRESETS), help="model size (vocab_size comes from the tokenizer)")
@@ -59,14 +61,14 @@ def parse_args(argv=None):
     a("--hidden_dim", type=int, help="override the preset's FFN width")
     a("--seq_len", type=int, default=64, help="pretraining window (default: 64)")
     # pretraining
-    a("--pretrain_steps", type=int, default=1500)
+    a("--pretrain_steps", type=int, default=400)
     a("--pretrain_lr", type=float, default=3e-3)
     a("--batch_tokens", type=int, default=8192, help="tokens per pretraining optimizer step")
     a("--micro_batch", type=int, default=64, help="sequences per forward pass; accumulation fills batch_tokens")
     a("--weight_decay", type=float, default=0.1)
     # fine-tuning
     a("--finetune_steps", type=int, default=200)
-    a("--finetune_lr", type=float, default=3e-4)
+    a("--finetune_lr", type=float, default=7e-4)
     a("--finetune_batch", type=int, default=32, help="examples per fine-tuning step")
     a("--train_scope", default="all", choices=["all", "attn", "ffn"],
       help="all: train every parameter (TAIA's premise); attn: TOA; ffn: TOF")
@@ -108,7 +110,7 @@ def train_loop(model, next_batch, steps: int, lr: float, accum: int, args, desc:
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else nullcontext()
     model.train()
     t0, tokens_seen, losses = time.time(), 0, []
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)):
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None)):
         step_lr = cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
@@ -188,7 +190,10 @@ def stage_pretrain(args, out_dir: str, seed: int):
     train_loop(model, lambda: random_windows(stream, micro, args.seq_len, generator), args.pretrain_steps,
                args.pretrain_lr, accum, args, "pretrain", args.weight_decay)
     save_checkpoint(os.path.join(out_dir, FILES["base"]),
-                    {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "stage": "pretrain"})
+                    {"model": model.state_dict(), "config": asdict(cfg), "seed": seed,
+                     "pretrain": {k: getattr(args, k) for k in ("pretrain_text", "pretrain_steps", "pretrain_lr",
+                                                                "batch_tokens", "seq_len", "weight_decay",
+                                                                "vocab_size")}})
 
 
 def finetune_examples(args, out_dir: str):
@@ -231,7 +236,8 @@ def stage_finetune(args, out_dir: str, seed: int):
     save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
                     {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": base["config"],
                      "finetune": {k: getattr(args, k) for k in ("finetune", "finetune_set", "finetune_steps",
-                                                                "finetune_lr", "train_scope", "lora_rank")}})
+                                                                "finetune_lr", "finetune_batch", "train_scope",
+                                                                "freeze_embeddings", "lora_rank", "lora_alpha")}})
 
 
 def eval_sets(args, out_dir: str) -> dict:
@@ -241,52 +247,54 @@ def eval_sets(args, out_dir: str) -> dict:
     return {name: read_examples(paths[name]) for name in TOY_EVAL_SETS}
 
 
-def stage_eval(args, out_dir: str, seed: int, started: float) -> dict:
+def stage_eval(args, out_dir: str, started: float) -> dict:
     sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
     weights = Weights(out_dir)
-    results = evaluate(weights, MODES, eval_sets(args, out_dir), sp, args.device)
-    print(format_table(results, MODES))
-    report = {"results": results, "seed": seed, "seconds": round(time.time() - started, 1),
-              "config": {k: v for k, v in vars(args).items()}}
+    modes = parse_modes(args.modes)
+    results = evaluate(weights, modes, eval_sets(args, out_dir), sp, args.device)
+    print(format_table(results["answer"], modes, "answer match"))
+    print(format_table(results["exact"], modes, "exact match"))
+    report = {"results": results["answer"], "exact_match": results["exact"], "seed": weights.seed,
+              "seconds": round(time.time() - started, 1), "config": {"model": asdict(weights.cfg), **weights.meta}}
     write_json(os.path.join(out_dir, "results.json"), report)
     return report
 
 
 def run(args, out_dir: str, seed: int) -> dict | None:
+    """The stages --stage asks for, in order; returns the eval report when eval ran."""
     started = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    stages = ["data", "pretrain", "finetune", "eval"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "data":
-            stage_data(args, out_dir, seed)
-        elif stage == "pretrain":
-            stage_data(args, out_dir, seed)
-            stage_pretrain(args, out_dir, seed)
-        elif stage == "finetune":
-            stage_finetune(args, out_dir, seed)
-        else:
-            return stage_eval(args, out_dir, seed, started)
+    if args.stage in ("all", "data", "pretrain"):
+        stage_data(args, out_dir, seed)  # skipped when the files are already there
+    if args.stage in ("all", "pretrain"):
+        stage_pretrain(args, out_dir, seed)
+    if args.stage in ("all", "finetune"):
+        stage_finetune(args, out_dir, seed)
+    if args.stage in ("all", "eval"):
+        return stage_eval(args, out_dir, started)
     return None
 
 
 def summarise(reports: list[dict]) -> str:
-    """Mean +/- std over seeds for every mode, and the per-seed paired difference TAIA - vanilla."""
-    lines = []
-    for name in reports[0]["results"]:
-        cells = []
-        for mode in MODES:
+    """Mean +/- std over seeds for every set and mode, and the per-seed paired difference TAIA - vanilla."""
+    first = reports[0]["results"]
+    modes = list(next(iter(first.values())))
+    lines = [f"{'answer match':<15}" + "".join(f"{m:>16}" for m in modes) + "   taia - vanilla (seeds ahead)"]
+    for name in first:
+        row = f"{name:<15}"
+        for mode in modes:
             values = [100 * r["results"][name][mode] for r in reports]
-            cells.append(f"{mode} {statistics.mean(values):5.1f} +/- {statistics.pstdev(values):4.1f}")
-        diffs = [100 * (r["results"][name]["taia"] - r["results"][name]["vanilla"]) for r in reports]
-        cells.append(f"taia-vanilla {statistics.mean(diffs):+5.1f} +/- {statistics.pstdev(diffs):4.1f} "
-                     f"(taia ahead in {sum(d > 0 for d in diffs)}/{len(diffs)})")
-        lines.append(f"{name:<15}" + " | ".join(cells))
+            row += f"{statistics.mean(values):9.1f} +/- {statistics.pstdev(values):4.1f}"
+        if "taia" in modes and "vanilla" in modes:
+            diffs = [100 * (r["results"][name]["taia"] - r["results"][name]["vanilla"]) for r in reports]
+            row += (f"   {statistics.mean(diffs):+5.1f} +/- {statistics.pstdev(diffs):4.1f} "
+                    f"({sum(d > 0 for d in diffs)}/{len(diffs)})")
+        lines.append(row)
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.seeds == 1:
         run(args, args.out_dir, args.seed)
         return

@@ -11,7 +11,7 @@ import torch
 from data.text import (DataError, encode_example, example_batch, load_tokenizer, read_examples, read_lines,
                        train_tokenizer)
 from data.toy_world import generate
-from infer import exact_match
+from infer import score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,10 +87,15 @@ def test_exact_match_on_hand_made_cases(tokenizer):
              ({"prompt": "Answer:", "response": "Paris Paris"}, False),  # stops too early
              ({"prompt": "Answer: Lima", "response": "Paris"}, True)]
     for example, expected in cases:
-        assert exact_match(model, [example], sp) == float(expected), example
-    assert exact_match(model, [c for c, _ in cases], sp) == 0.5
-    no_eos = BigramModel({colon: paris, paris: lima}, sp.vocab_size())  # the right answer, but goes on
-    assert exact_match(no_eos, [cases[0][0]], sp) == 0.0
+        assert score(model, [example], sp) == {"exact": float(expected), "answer": float(expected)}, example
+    assert score(model, [c for c, _ in cases], sp) == {"exact": 0.5, "answer": 0.5}
+    # The right answer, but the model goes on: "Paris Lima ..." is an answer match, not an exact one.
+    goes_on = BigramModel({colon: paris, paris: lima}, sp.vocab_size())
+    assert score(goes_on, [cases[0][0]], sp) == {"exact": 0.0, "answer": 1.0}
+    # "Paris" followed by a piece that continues the word is a different word: no match at all.
+    inside_word = next(i for i in range(sp.vocab_size()) if sp.id_to_piece(i).isalpha() and i > 3)
+    glued = BigramModel({colon: paris, paris: inside_word}, sp.vocab_size())
+    assert score(glued, [cases[0][0]], sp) == {"exact": 0.0, "answer": 0.0}
 
 
 def test_read_examples_reports_file_and_line(tmp_path):
@@ -120,7 +125,7 @@ def test_tiny_end_to_end_run_writes_every_file(tmp_path):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
     report = json.loads((out / "results.json").read_text())
-    assert set(report) >= {"results", "seed", "seconds", "config"} and report["seed"] == 0
+    assert set(report) >= {"results", "exact_match", "seed", "seconds", "config"} and report["seed"] == 0
     assert {"ood_test", "knowledge", "ft_only_facts"} <= set(report["results"])
     for row in report["results"].values():
         assert set(row) == {"base", "vanilla", "taia", "taif"}
@@ -132,5 +137,13 @@ def test_tiny_end_to_end_run_writes_every_file(tmp_path):
                      "--eval", str(out / "data/knowledge.jsonl"), "--prompt", "Instruction: city for Kalo? Response:",
                      "--json", str(tmp_path / "infer.json"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "infer.json").read_text())["results"]["knowledge"]["taia"] == \
+    assert json.loads((tmp_path / "infer.json").read_text())["results"]["answer"]["knowledge"]["taia"] == \
         report["results"]["knowledge"]["taia"]
+
+
+def test_summary_over_seeds_gives_mean_std_and_paired_difference():
+    from train import summarise
+    reports = [{"results": {"ood_test": {"vanilla": v, "taia": t}}} for v, t in ((0.2, 0.5), (0.4, 0.3))]
+    row = summarise(reports).splitlines()[1].split()
+    # vanilla 30 +/- 10, taia 40 +/- 10, differences +30 and -10: mean +10 +/- 20, TAIA ahead in 1 of 2
+    assert row == ["ood_test", "30.0", "+/-", "10.0", "40.0", "+/-", "10.0", "+10.0", "+/-", "20.0", "(1/2)"]

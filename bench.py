@@ -1,0 +1,374 @@
+"""How fast is model.py, next to Hugging Face's LlamaForCausalLM, and what do TAIA's own steps cost?
+
+    python bench.py                          # tiny Llama (the toy preset), CPU, and CUDA if present
+    python bench.py --dim 512 --n_layers 4 --hidden_dim 2048 --seq_len 256   # matmuls dominate
+    python bench.py --json bench.json        # also write every figure as JSON
+
+Three measurements, each on the same weights for every contender:
+  1. a training step (forward, cross-entropy, backward, AdamW): tokens/s, ours against Hugging Face,
+     and model FLOP/s as a fraction of a large fp32 matrix multiply timed alongside it;
+  2. greedy decoding of --new_tokens after a --prompt_len prompt with the KV cache, against
+     `LlamaForCausalLM.generate`, and against our own decoding without the cache;
+  3. `taia.snapshot` and `taia.rebuild` against a plain clone of the FFN tensors, and the bytes kept.
+
+Method: everything runs in this one process. Each contender is warmed up, then the contenders take
+turns (A B C, C B A, ...) so that a change in machine load hits all of them alike, and every figure is
+the median over --repeats. Calls shorter than MIN_SAMPLE_S are timed in batches, as timeit does.
+transformers is only a development dependency: without it the Hugging Face columns read
+"not installed" and everything else still runs.
+"""
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+import taia
+from model import ModelConfig, Transformer
+
+MIN_SAMPLE_S = 0.02  # a timed sample shorter than this is mostly timer and scheduler noise
+NOT_INSTALLED = "not installed"
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage dump (which wraps over many lines with this many flags).
+        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def batch_list(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",")]
+
+
+def parse_args(argv=None):
+    toy = ModelConfig()  # the defaults are the toy preset's sizes
+    p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dim", type=positive_int, default=toy.dim, help=f"width of the residual stream (default {toy.dim})")
+    a("--n_layers", type=positive_int, default=toy.n_layers, help=f"blocks (default {toy.n_layers})")
+    a("--n_heads", type=positive_int, default=toy.n_heads, help=f"query heads (default {toy.n_heads})")
+    a("--n_kv_heads", type=positive_int, help="key/value heads, fewer for grouped-query attention (default n_heads)")
+    a("--hidden_dim", type=positive_int, default=toy.hidden_dim, help=f"SwiGLU width (default {toy.hidden_dim})")
+    a("--vocab_size", type=positive_int, default=toy.vocab_size, help=f"vocabulary (default {toy.vocab_size})")
+    a("--batch", type=positive_int, default=8, help="training sequences per step (default 8)")
+    a("--seq_len", type=positive_int, default=256, help="training sequence length (default 256)")
+    a("--prompt_len", type=positive_int, default=32, help="decoding prompt length (default 32)")
+    a("--new_tokens", type=positive_int, default=256, help="tokens decoded after the prompt (default 256)")
+    a("--decode_batches", type=batch_list, default=[1, 8], metavar="B1,B2",
+      help="batch sizes to decode at, comma-separated (default 1,8)")
+    a("--repeats", type=positive_int, default=5, help="timed samples per contender; the median is reported (default 5)")
+    a("--warmup", type=positive_int, default=2, help="untimed calls per contender first (default 2)")
+    a("--gemm_size", type=positive_int,
+      help="n for the n x n x n fp32 matmul that measures this machine's rate (default 2048 on CPU, 8192 on CUDA)")
+    a("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice, one per core)")
+    a("--device", default="all", choices=["all", "cpu", "cuda"],
+      help="where to run: all = CPU, and CUDA if present (default all)")
+    a("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    args = p.parse_args(argv)
+    try:
+        args.cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                               hidden_dim=args.hidden_dim, vocab_size=args.vocab_size,
+                               max_seq_len=max(args.seq_len, args.prompt_len + args.new_tokens))
+    except ValueError as e:
+        p.error(str(e))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    args.devices = ["cpu"] * (args.device != "cuda") + ["cuda"] * (args.device != "cpu" and torch.cuda.is_available())
+    return args
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+def timed(fn, calls: int, device: str) -> float:
+    """Seconds for `calls` calls of fn, waiting for the GPU to finish its queued work on both ends."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def race(contenders: dict, args, device: str) -> dict:
+    """Median seconds per call of each contender (a dict name -> function of no arguments). After
+    warm-up they take turns, the order reversed every round, so none always runs right after another."""
+    calls = {}
+    for name, fn in contenders.items():
+        for _ in range(args.warmup):
+            seconds = timed(fn, 1, device)
+        calls[name] = max(1, math.ceil(MIN_SAMPLE_S / seconds))  # from the last, warm, call
+    samples = {name: [] for name in contenders}
+    order = list(contenders)
+    for repeat in range(args.repeats):
+        for name in order if repeat % 2 == 0 else order[::-1]:
+            samples[name].append(timed(contenders[name], calls[name], device) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+# ---- the contenders -----------------------------------------------------------------------------------
+
+def import_transformers():
+    """transformers, or None when it is not installed (it is a development dependency only)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()  # no generation-config chatter in the table
+    transformers.logging.disable_progress_bar()  # nor a "Loading weights" bar per model
+    return transformers
+
+
+def models(cfg: ModelConfig, device: str, transformers, seed: int = 0):
+    """Ours with a fresh random initialisation, and LlamaForCausalLM holding exactly the same weights
+    (None without transformers). The weights go through save_pretrained, as a user's would."""
+    torch.manual_seed(seed)
+    ours = Transformer(cfg).to(device)
+    if transformers is None:
+        return ours, None
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
+    return ours, hf
+
+
+def adamw(model):
+    """The optimizer train.py uses (decay the matrices, not the norms), built the same way for both models."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.95))
+
+
+def training_step(forward, loss_of, optimizer):
+    def step():
+        loss_of(forward()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, as in the PaLM paper's appendix B and nanoGPT: 6 per weight of every
+    matmul (2 forward, 4 backward), plus 12 * n_layers * dim * seq_len for the attention scores and
+    their weighted sum (counted over the full square, as PaLM does, though half of it is masked).
+    The embedding is a lookup, not a matmul, so it does not count; the output head does."""
+    attention = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)  # q, o and k, v
+    ffn = 3 * cfg.dim * cfg.hidden_dim  # gate, up, down
+    matmul_weights = cfg.n_layers * (attention + ffn) + cfg.dim * cfg.vocab_size
+    return 6 * matmul_weights + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+# ---- 1. training step ---------------------------------------------------------------------------------
+
+def bench_training(args, device: str, transformers) -> dict:
+    cfg = args.cfg
+    ours, hf = models(cfg, device, transformers)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(logits):
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    # The same loss computed outside both models, so only the models differ. use_cache=False: a
+    # training forward has no use for HF's KV cache, and building one would only slow HF down.
+    forwards = {"ours": (ours, lambda: ours(inputs))}
+    if hf is not None:
+        forwards["hf"] = (hf, lambda: hf(input_ids=inputs, use_cache=False).logits)
+    contenders = {}
+    for name, (model, forward) in forwards.items():
+        model.train()
+        contenders[name] = training_step(forward, loss_of, adamw(model))
+    loss_diff = None
+    if hf is not None:  # a check that the race is fair: same weights, same loss
+        with torch.no_grad():
+            loss_diff = abs(loss_of(ours(inputs)).item() - loss_of(forwards["hf"][1]()).item())
+
+    # The matmul that measures this machine's rate takes turns with the training steps, so a change
+    # in load while we measure moves the yardstick and the steps alike.
+    n = args.gemm_size or (8192 if device == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    contenders["gemm"] = lambda: torch.mm(a, b)
+    seconds = race(contenders, args, device)
+
+    gemm_rate = 2 * n ** 3 / seconds["gemm"]
+    per_token = flops_per_token(cfg, args.seq_len)
+    step_tokens = args.batch * args.seq_len
+    tokens_per_s = {name: step_tokens / seconds[name] if name in seconds else None for name in ("ours", "hf")}
+    flop_rate = {name: None if tps is None else tps * per_token for name, tps in tokens_per_s.items()}
+    return {"tokens_per_step": step_tokens,
+            "ms_per_step": {name: None if tps is None else 1000 * step_tokens / tps for name, tps in tokens_per_s.items()},
+            "tokens_per_s": tokens_per_s,
+            "ours_over_hf": ratio(tokens_per_s["ours"], tokens_per_s["hf"]),
+            "flops_per_token": per_token,
+            "flop_per_s": flop_rate,
+            "gemm": {"n": n, "flop_per_s": gemm_rate},
+            "fraction_of_gemm": {name: None if rate is None else rate / gemm_rate for name, rate in flop_rate.items()},
+            "loss_diff": loss_diff}
+
+
+# ---- 2. greedy decoding ------------------------------------------------------------------------------
+
+def bench_decoding(args, device: str, transformers) -> dict:
+    ours, hf = models(args.cfg, device, transformers, seed=1)
+    ours.eval()
+    if hf is not None:
+        hf.eval()
+        # No end-of-sequence token, so HF decodes every one of --new_tokens, as we do; min_new_tokens
+        # guards the same thing should a default EOS come back from somewhere.
+        hf.generation_config.eos_token_id = None
+    results = {}
+    for batch in args.decode_batches:
+        prompt = torch.randint(0, args.cfg.vocab_size, (batch, args.prompt_len), device=device)
+        new = args.new_tokens
+        contenders = {"ours_cached": lambda: ours.generate(prompt, new),
+                      "ours_uncached": lambda: ours.generate(prompt, new, use_cache=False)}
+        if hf is not None:
+            contenders["hf"] = lambda: hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                   use_cache=True, pad_token_id=0)
+        # Check the contenders do the same work before timing them: every row decodes `new` tokens.
+        outputs = {name: fn() for name, fn in contenders.items()}
+        for name, out in outputs.items():
+            if out.shape != (batch, args.prompt_len + new):
+                raise RuntimeError(f"{name} decoded {out.shape[1] - args.prompt_len} tokens, not {new}")
+        seconds = race(contenders, args, device)
+        # Decoded tokens per second; the time includes the prompt's prefill, as a user waits for it too.
+        tokens_per_s = {name: batch * new / seconds[name] if name in seconds else None
+                        for name in ("ours_cached", "ours_uncached", "hf")}
+        results[f"batch_{batch}"] = {
+            "tokens_per_s": tokens_per_s,
+            "cached_over_hf": ratio(tokens_per_s["ours_cached"], tokens_per_s["hf"]),
+            "cached_over_uncached": ratio(tokens_per_s["ours_cached"], tokens_per_s["ours_uncached"]),
+            # Greedy decoding can part ways where two logits nearly tie and float rounding differs;
+            # after that the continuations differ. None: identical throughout.
+            "uncached_differs_from": first_difference(outputs["ours_cached"], outputs["ours_uncached"], args.prompt_len),
+            "hf_differs_from": first_difference(outputs["ours_cached"], outputs["hf"], args.prompt_len)
+                                if hf is not None else None}
+    return results
+
+
+def first_difference(a, b, prompt_len: int):
+    """Index of the first decoded token (0 = the first after the prompt) where any row of a and b
+    differs, or None if they are equal."""
+    differs = (a != b).any(dim=0)[prompt_len:].nonzero()
+    return int(differs[0]) if len(differs) else None
+
+
+# ---- 3. TAIA's own costs -------------------------------------------------------------------------------
+
+def bench_taia(args, device: str) -> dict:
+    torch.manual_seed(2)
+    model = Transformer(args.cfg).to(device)
+    # The FFN counted from the modules themselves, not through taia.is_ffn, so the byte check is independent.
+    ffn_bytes = sum(p.nbytes for block in model.blocks for p in block.ffn.parameters())
+    ffn = {name: p for name, p in model.named_parameters() if taia.is_ffn(name)}
+    snap = taia.snapshot(model)
+    seconds = race({"plain_copy": lambda: {name: p.detach().clone() for name, p in ffn.items()},
+                    "snapshot": lambda: taia.snapshot(model),
+                    "rebuild": lambda: taia.rebuild(model, snap)}, args, device)
+    return {"ms": {name: 1000 * s for name, s in seconds.items()},
+            "snapshot_over_copy": seconds["snapshot"] / seconds["plain_copy"],
+            "rebuild_over_copy": seconds["rebuild"] / seconds["plain_copy"],
+            "ffn_tensors": len(ffn),
+            "ffn_bytes": ffn_bytes,
+            "snapshot_bytes": sum(t.nbytes for t in snap.values())}
+
+
+# ---- report -------------------------------------------------------------------------------------------
+
+def fmt(value, spec: str = ",.0f", suffix: str = "") -> str:
+    return NOT_INSTALLED if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(rows: list[list[str]]) -> str:
+    """Rows of cells, the first column left-aligned and the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def report(results: dict, args) -> str:
+    cfg = args.cfg
+    lines = [f"torch {results['torch']}, transformers {results['transformers'] or NOT_INSTALLED}; "
+             f"dim {cfg.dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, n_kv_heads {cfg.n_kv_heads}, "
+             f"hidden_dim {cfg.hidden_dim}, vocab_size {cfg.vocab_size}; median of {args.repeats} after "
+             f"{args.warmup} warm-up"]
+    for device, r in results["devices"].items():
+        t, d, ta = r["train"], r["decode"], r["taia"]
+        lines += ["", f"== {device}" + (f" ({r['threads']} thread{'s' * (r['threads'] != 1)})" if device == "cpu" else "")]
+        lines += ["", table([
+            [f"training step, {args.batch} x {args.seq_len} tokens, AdamW", "ours", "Hugging Face", "ours/HF"],
+            ["tokens/s", fmt(t["tokens_per_s"]["ours"]), fmt(t["tokens_per_s"]["hf"]), fmt(t["ours_over_hf"], ".2f", "x")],
+            ["ms/step", fmt(t["ms_per_step"]["ours"], ".1f"), fmt(t["ms_per_step"]["hf"], ".1f"), ""],
+            [f"GFLOP/s at {t['flops_per_token'] / 1e6:.1f} MFLOP/token", fmt(t["flop_per_s"]["ours"] / 1e9, ".1f"),
+             fmt(None if t["flop_per_s"]["hf"] is None else t["flop_per_s"]["hf"] / 1e9, ".1f"), ""],
+            [f"of fp32 GEMM ({t['gemm']['n']}^3: {t['gemm']['flop_per_s'] / 1e9:.1f} GFLOP/s)",
+             fmt(t["fraction_of_gemm"]["ours"], ".0%"), fmt(t["fraction_of_gemm"]["hf"], ".0%"), ""]])]
+        if t["loss_diff"] is not None:
+            lines.append(f"(same weights: |loss ours - loss HF| = {t['loss_diff']:.1e})")
+        rows = [[f"greedy decoding, tokens/s ({args.prompt_len} prompt + {args.new_tokens} new)",
+                 "ours cached", "ours uncached", "HF generate", "cached/HF", "cached/uncached", "tokens as HF's"]]
+        for name, b in d.items():
+            rows.append([name.replace("_", " "), fmt(b["tokens_per_s"]["ours_cached"]),
+                         fmt(b["tokens_per_s"]["ours_uncached"]), fmt(b["tokens_per_s"]["hf"]),
+                         fmt(b["cached_over_hf"], ".2f", "x"), fmt(b["cached_over_uncached"], ".2f", "x"),
+                         "not compared" if b["tokens_per_s"]["hf"] is None else "identical" if b["hf_differs_from"] is None
+                         else f"differ from token {b['hf_differs_from']}"])
+        lines += ["", table(rows)]
+        lines += [f"(note: at {name.replace('_', ' ')} our cached and uncached tokens differ from token "
+                  f"{b['uncached_differs_from']}, a near-tie)" for name, b in d.items() if b["uncached_differs_from"] is not None]
+        lines += ["", table([
+            [f"TAIA, {ta['ffn_tensors']} FFN tensors", "ms", "vs plain copy"],
+            ["plain copy {k: v.clone()}", f"{ta['ms']['plain_copy']:.3f}", "1.00x"],
+            ["taia.snapshot", f"{ta['ms']['snapshot']:.3f}", f"{ta['snapshot_over_copy']:.2f}x"],
+            ["taia.rebuild", f"{ta['ms']['rebuild']:.3f}", f"{ta['rebuild_over_copy']:.2f}x"]])]
+        lines.append(f"snapshot {ta['snapshot_bytes']:,} bytes, FFN {ta['ffn_bytes']:,} bytes: "
+                     + ("equal" if ta["snapshot_bytes"] == ta["ffn_bytes"] else "DIFFERENT"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers = import_transformers()
+    results = {"torch": torch.__version__, "transformers": transformers and transformers.__version__,
+               "config": asdict(args.cfg), "batch": args.batch, "seq_len": args.seq_len,
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "repeats": args.repeats, "warmup": args.warmup, "devices": {}}
+    for device in args.devices:
+        results["devices"][device] = {"threads": torch.get_num_threads(),
+                                      "train": bench_training(args, device, transformers),
+                                      "decode": bench_decoding(args, device, transformers),
+                                      "taia": bench_taia(args, device)}
+    print(report(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
