@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 
 import torch
 
@@ -22,14 +23,37 @@ from model import ModelConfig, Transformer
 FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.pt", "tokenizer": "tokenizer.model"}
 
 
-def load_checkpoint(path: str) -> dict:
-    """{"model": state_dict, "config": dict, ...}; weights_only=True so a file can never run code."""
+def load_checkpoint(path: str, keys=("model", "config")) -> dict:
+    """A dict holding at least `keys`. weights_only=True: a file can never run code when loaded."""
     if not os.path.isfile(path):
         raise DataError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code in it, not a checkpoint at all
-        raise DataError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated file, a pickle that would run code, not a checkpoint at all
+        raise DataError(f"cannot load {path}: not a checkpoint of plain tensors (refused or corrupt)") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise DataError(f"{path} is not a checkpoint of this project (expected the keys {', '.join(keys)})")
+    return ckpt
+
+
+def config_from_dict(d) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    if not isinstance(d, dict) or set(d) - known:
+        raise DataError(f"checkpoint config has unknown fields: {sorted(set(d) - known) if isinstance(d, dict) else d}")
+    return ModelConfig(**d)
+
+
+def check_tokenizer(sp, cfg: ModelConfig):
+    if sp.vocab_size() != cfg.vocab_size:
+        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}: they do not belong together")
+
+
+def check_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise DataError(f"--device must be cpu or cuda, not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA GPU is available here")
+    return device
 
 
 def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
@@ -51,12 +75,17 @@ class Weights:
 
     def __init__(self, out_dir: str):
         base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
-        tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]))
-        self.snapshot = load_checkpoint(os.path.join(out_dir, FILES["snapshot"]))["ffn"]
+        tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]), keys=("model", "config", "base_ffn"))
+        self.snapshot = load_checkpoint(os.path.join(out_dir, FILES["snapshot"]), keys=("ffn",))["ffn"]
         if base["config"] != tuned["config"]:
             raise DataError(f"{FILES['tuned']} and {FILES['base']} in {out_dir} come from different models")
-        self.cfg = ModelConfig(**base["config"])
+        self.cfg = config_from_dict(base["config"])
         self.base, self.tuned = base["model"], tuned["model"]
+        # The three files must belong together: the snapshot and the fine-tune name the same base FFN.
+        base_ffn = {k: v for k, v in self.base.items() if taia.is_ffn(k)}
+        if not (taia.fingerprint(self.snapshot) == tuned["base_ffn"] == taia.fingerprint(base_ffn)):
+            raise DataError(f"{out_dir}: {FILES['snapshot']}, {FILES['tuned']} and {FILES['base']} do not come "
+                            "from one run (the FFN fingerprints differ)")
         self.seed = base.get("seed")
         self.meta = {"pretrain": base.get("pretrain"), "finetune": tuned.get("finetune")}
 
@@ -129,18 +158,17 @@ def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cp
 
 def format_table(results: dict, modes: list[str], title: str) -> str:
     """One row per evaluation set, one column per mode, accuracies in percent."""
-    width = max(len(name) for name in results) + 2
-    lines = [f"{title:<{width}}" + "".join(f"{m:>12}" for m in modes)]
+    width = max(len(name) for name in [*results, title]) + 2
+    cols = [max(9, len(m)) + 2 for m in modes]
+    lines = [f"{title:<{width}}" + "".join(f"{m:>{c}}" for m, c in zip(modes, cols))]
     for name, row in results.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{100 * row[m]:>11.1f}%" for m in modes))
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * row[m]:>{c - 1}.1f}%" for m, c in zip(modes, cols)))
     return "\n".join(lines)
 
 
 def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, seed: int = 0) -> str:
     ids = [sp.bos_id()] + sp.encode(prompt)
-    if any(i >= model.cfg.vocab_size for i in ids):
-        raise DataError("the tokenizer produced ids beyond the model's vocabulary: they do not belong together")
     max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
     if max_new_tokens <= 0:
         raise DataError(f"the prompt ({len(ids)} tokens) leaves no room within max_seq_len {model.cfg.max_seq_len}")
@@ -151,8 +179,15 @@ def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temp
     return sp.decode(new)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="where train.py left base.pt, finetuned.pt, "
                    "ffn_snapshot.pt and tokenizer.model (default: out)")
     p.add_argument("--mode", default="taia", help="the mode to generate with (default: taia)")
@@ -170,7 +205,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.prompt and not args.eval:
         p.error("give --prompt TEXT or --eval FILE.jsonl")
-    if args.temperature < 0 or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
+    if not 0 <= args.temperature < float("inf") or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
         p.error("--temperature must be >= 0, --max_new_tokens and --top_k >= 1")
     return args
 
@@ -179,17 +214,19 @@ def main(argv=None):
     args = parse_args(argv)
     modes = parse_modes(args.modes or "base,vanilla,taia,taif")
     parse_modes(args.mode)
+    check_device(args.device)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise DataError(f"--json {args.json}: its folder does not exist")
     sp = load_tokenizer(os.path.join(args.out_dir, FILES["tokenizer"]))
     weights = Weights(args.out_dir)
-    if sp.vocab_size() != weights.cfg.vocab_size:
-        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, the model {weights.cfg.vocab_size}")
+    check_tokenizer(sp, weights.cfg)
     if args.eval:
         sets = {os.path.splitext(os.path.basename(f))[0]: read_examples(f) for f in args.eval}
         results = evaluate(weights, modes, sets, sp, args.device)
         print(format_table(results["answer"], modes, "answer match"))
         print(format_table(results["exact"], modes, "exact match"))
         if args.json:
-            write_json(args.json, {"results": results})
+            write_json(args.json, {"results": results})  # {"answer"|"exact": {set: {mode: accuracy}}}
     if args.prompt:
         model = weights.build(args.mode, args.device)
         for prompt in args.prompt:

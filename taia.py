@@ -13,6 +13,8 @@ Full fine-tuning:             LoRA on every linear layer of the blocks:
     ...fine-tune model...         ...fine-tune (only adapters train)...
     rebuild(model, base)          state = merge_lora(model, "taia")    # FFN adapters dropped
 """
+import hashlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +80,12 @@ def mix(base_state: dict, tuned_state: dict, tuned: set) -> dict:
     check_same_layout(base_state, tuned_state, "base", "tuned")
     if not tuned <= set(GROUPS):
         raise ValueError(f"unknown groups {sorted(tuned - set(GROUPS))}: choose from {GROUPS}")
+    # Tied tensors (e.g. embedding = output head) are one parameter: both names must come from one side.
+    by_storage = {}
+    for k, v in tuned_state.items():
+        by_storage.setdefault((v.data_ptr(), v.shape), set()).add(group_of(k) in tuned)
+    if any(len(sides) > 1 for sides in by_storage.values()):
+        raise ValueError("taia: tied parameters (embedding and output head) cannot come from different sides")
     return {k: tuned_state[k] if group_of(k) in tuned else base_state[k] for k in tuned_state}
 
 
@@ -109,6 +117,16 @@ def rebuild(model: nn.Module, snap: dict) -> nn.Module:
     return model
 
 
+def fingerprint(snap: dict) -> str:
+    """SHA-256 of the snapshot's names and bytes: lets a fine-tuned checkpoint name the base it came from."""
+    digest = hashlib.sha256()
+    for name in sorted(snap):
+        tensor = snap[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_same_layout(a: dict, b: dict, a_name: str, b_name: str):
     if set(a) != set(b):
         raise ValueError(f"taia: {b_name} does not match {a_name}: missing {sorted(set(a) - set(b))[:3]}, "
@@ -126,16 +144,19 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
-        self.weight = base.weight  # same name as in nn.Linear, so merged state dicts keep their keys
+        self.weight, self.bias = base.weight, base.bias  # nn.Linear's names: merged state dicts keep their keys
         self.weight.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # as nn.Linear initialises its weight
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
     def delta(self):
         return (self.lora_B @ self.lora_A) * self.scale

@@ -15,6 +15,7 @@ Your own data: --pretrain_text FILE.txt (one document per line), --finetune FILE
 --eval FILE.jsonl ({"prompt", "response"} per line; repeat --eval for several sets).
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -30,15 +31,15 @@ import taia
 from data.text import (DataError, encode_example, example_batch, load_tokenizer, random_windows, read_examples,
                        read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
-from infer import (FILES, Weights, evaluate, format_table, load_checkpoint, model_from_state, parse_modes,
-                   run_cli, write_json)
+from infer import (FILES, OneLineParser, Weights, check_device, check_tokenizer, config_from_dict, evaluate,
+                   format_table, load_checkpoint, model_from_state, parse_modes, run_cli, write_json)
 from model import PRESETS, ModelConfig, Transformer
 
 TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--out_dir", default="out", help="where every file of the run goes (default: out)")
     a("--stage", default="all", choices=["all", "data", "pretrain", "finetune", "eval"])
@@ -82,12 +83,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        p.error(f"--device must be auto, cpu or cuda, not {args.device!r}")
+    try:
+        check_device(args.device)
+    except DataError as e:
+        p.error(str(e))
     for name in ("seeds", "pretrain_steps", "finetune_steps", "batch_tokens", "micro_batch", "finetune_batch",
-                 "seq_len", "vocab_size"):
-        if getattr(args, name) < 1:
+                 "seq_len", "vocab_size", "log_interval", "dim", "n_layers", "hidden_dim"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.lora_rank < 0 or not 0 <= args.lora_dropout < 1 or args.pretrain_lr <= 0 or args.finetune_lr <= 0:
+        p.error("--lora_rank must be >= 0, --lora_dropout in [0, 1), learning rates > 0")
     if args.lora_rank and args.train_scope != "all":
         p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
     return args
@@ -159,26 +164,35 @@ def stage_data(args, out_dir: str, seed: int):
     if args.pretrain_text:
         return
     paths = toy_paths(out_dir)
-    if not all(os.path.exists(p) for p in paths.values()):
-        generate_toy_world(os.path.dirname(paths["pretrain"]), seed=seed)
-        print(f"toy world (seed {seed}) written to {os.path.dirname(paths['pretrain'])}")
+    data_dir = os.path.dirname(paths["pretrain"])
+    stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
+    if all(os.path.exists(p) for p in paths.values()) and os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f).get("seed") == seed:
+                return
+    generate_toy_world(data_dir, seed=seed)
+    write_json(stamp, {"seed": seed})
+    print(f"toy world (seed {seed}) written to {data_dir}")
 
 
 def model_config(args, vocab_size: int) -> ModelConfig:
     cfg = asdict(PRESETS[args.preset])
-    cfg.update({k: getattr(args, k) for k in ("dim", "n_layers", "hidden_dim") if getattr(args, k)})
+    cfg.update({k: getattr(args, k) for k in ("dim", "n_layers", "hidden_dim") if getattr(args, k) is not None})
     cfg["vocab_size"] = vocab_size
     cfg["max_seq_len"] = max(cfg["max_seq_len"], args.seq_len)
     return ModelConfig(**cfg)
 
 
 def stage_pretrain(args, out_dir: str, seed: int):
+    model_config(args, args.vocab_size)  # a bad size fails here, before anything is written
     lines = read_lines(args.pretrain_text or toy_paths(out_dir)["pretrain"])
+    # The tokenizer goes under a new name and replaces the old one only beside the new base.pt.
     tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
-    train_tokenizer(lines, tokenizer_path, args.vocab_size)
-    sp = load_tokenizer(tokenizer_path)
+    train_tokenizer(lines, tokenizer_path + ".new", args.vocab_size)
+    sp = load_tokenizer(tokenizer_path + ".new")
     stream = token_stream(lines, sp)
     if len(stream) <= args.seq_len + 1:
+        os.remove(tokenizer_path + ".new")
         raise DataError(f"pretraining text has {len(stream)} tokens: fewer than one window of {args.seq_len}")
     torch.manual_seed(seed)
     cfg = model_config(args, sp.vocab_size())
@@ -194,6 +208,7 @@ def stage_pretrain(args, out_dir: str, seed: int):
                      "pretrain": {k: getattr(args, k) for k in ("pretrain_text", "pretrain_steps", "pretrain_lr",
                                                                 "batch_tokens", "seq_len", "weight_decay",
                                                                 "vocab_size")}})
+    os.replace(tokenizer_path + ".new", tokenizer_path)
 
 
 def finetune_examples(args, out_dir: str):
@@ -202,39 +217,43 @@ def finetune_examples(args, out_dir: str):
 
 def stage_finetune(args, out_dir: str, seed: int):
     base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
-    cfg = ModelConfig(**base["config"])
+    cfg = config_from_dict(base["config"])
     model = model_from_state(cfg, base["model"], args.device)
     sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
-    # Snapshot before any update: this is all TAIA needs to rebuild the model afterwards.
-    save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": taia.snapshot(model)})
-    if args.lora_rank:
-        taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:
-        for name, p in model.named_parameters():
-            group = taia.group_of(name)
-            p.requires_grad_((args.train_scope == "all" or group == {"attn": "attention", "ffn": "ffn"}[args.train_scope])
-                             and not (args.freeze_embeddings and group in ("embedding", "head")))
+    check_tokenizer(sp, cfg)
     encoded = [encode_example(e, sp) for e in finetune_examples(args, out_dir)]
     too_long = [len(ids) for ids, _ in encoded if len(ids) - 1 > cfg.max_seq_len]
     if too_long:
         raise DataError(f"{len(too_long)} fine-tuning examples exceed max_seq_len {cfg.max_seq_len}")
+    # Snapshot before any update: this is all TAIA needs to rebuild the model afterwards.
+    original_ffn = taia.snapshot(model)
+    torch.manual_seed(seed + 2)  # LoRA's initial adapters and its dropout
+    if args.lora_rank:
+        taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    else:
+        scope = {"all": set(taia.GROUPS), "attn": {"attention"}, "ffn": {"ffn"}}[args.train_scope]
+        if args.freeze_embeddings:
+            scope -= {"embedding", "head"}
+        for name, p in model.named_parameters():
+            p.requires_grad_(taia.group_of(name) in scope)
     generator = torch.Generator().manual_seed(seed + 1)
     order = []
 
     def next_batch():  # shuffled epochs of examples, padded to the longest in the batch
         nonlocal order
-        if len(order) < args.finetune_batch:
+        while len(order) < args.finetune_batch:
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch, order = order[:args.finetune_batch], order[args.finetune_batch:]
         return example_batch([encoded[i] for i in batch], pad_id=sp.eos_id())
 
-    torch.manual_seed(seed + 2)  # LoRA dropout
     train_loop(model, next_batch, args.finetune_steps, args.finetune_lr, 1, args, "finetune", weight_decay=0.0)
     # Under LoRA, save the fully merged weights: infer.py derives every mode from base + tuned, and for
     # LoRA combine(base, merged, "taia") equals merging only the attention adapters (tests/test_taia.py).
     tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
+    save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
     save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
                     {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": base["config"],
+                     "base_ffn": taia.fingerprint(original_ffn),  # which base this fine-tune started from
                      "finetune": {k: getattr(args, k) for k in ("finetune", "finetune_set", "finetune_steps",
                                                                 "finetune_lr", "finetune_batch", "train_scope",
                                                                 "freeze_embeddings", "lora_rank", "lora_alpha")}})
@@ -250,6 +269,7 @@ def eval_sets(args, out_dir: str) -> dict:
 def stage_eval(args, out_dir: str, started: float) -> dict:
     sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
     weights = Weights(out_dir)
+    check_tokenizer(sp, weights.cfg)
     modes = parse_modes(args.modes)
     results = evaluate(weights, modes, eval_sets(args, out_dir), sp, args.device)
     print(format_table(results["answer"], modes, "answer match"))

@@ -31,26 +31,28 @@ def read_lines(path: str) -> list[str]:
 
 def read_examples(path: str) -> list[dict]:
     """JSONL -> [{"prompt", "response"}]; a malformed line is reported with its file and line number."""
-    examples = []
     try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and "instruction" in row and "output" in row:  # Alpaca
-                prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
-                row = {"prompt": prompt, "response": row["output"]}
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                    and isinstance(row.get("response"), str)):
-                raise DataError(f'{path}:{number}: expected an object with string "prompt" and "response"')
-            examples.append({"prompt": row["prompt"], "response": row["response"]})
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and "instruction" in row and "output" in row:  # Alpaca
+            if not all(isinstance(row.get(k, ""), str) for k in ("instruction", "input", "output")):
+                raise DataError(f'{path}:{number}: "instruction", "input" and "output" must be strings')
+            prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+            row = {"prompt": prompt, "response": row["output"]}
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+                and isinstance(row.get("response"), str)):
+            raise DataError(f'{path}:{number}: expected an object with string "prompt" and "response"')
+        examples.append({"prompt": row["prompt"], "response": row["response"]})
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
@@ -59,11 +61,14 @@ def read_examples(path: str) -> list[dict]:
 def train_tokenizer(lines: list[str], path: str, vocab_size: int):
     """Train a small BPE sentencepiece model on the pretraining text and write it to `path`."""
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True,  # any UTF-8 text encodes, even unseen characters
-        hard_vocab_limit=False, bos_id=1, eos_id=2, pad_id=-1, unk_id=0, minloglevel=2,
-        num_threads=1)  # one thread: the same corpus gives the same tokenizer every time
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe", vocab_size=vocab_size,
+            character_coverage=1.0, byte_fallback=True,  # any UTF-8 text encodes, even unseen characters
+            hard_vocab_limit=False, bos_id=1, eos_id=2, pad_id=-1, unk_id=0, minloglevel=2,
+            num_threads=1)  # one thread: the same corpus gives the same tokenizer every time
+    except RuntimeError as e:  # e.g. a vocabulary too small for the text's characters
+        raise DataError(f"cannot train the tokenizer: {str(e).splitlines()[0]}") from None
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(buffer.getvalue())

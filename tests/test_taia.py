@@ -169,3 +169,32 @@ def test_lora_merge_for_a_mode_equals_combine_of_the_full_merge(mode):
         assert torch.allclose(by_mode[name], expected[name], atol=1e-6), name
     if mode == "taia":  # the FFN adapters are dropped: FFN weights are the base's, bit for bit
         assert all(torch.equal(by_mode[n], base[n]) for n in base if taia.is_ffn(n))
+
+
+def test_fingerprint_names_the_exact_ffn_bytes():
+    model = tiny()
+    snap = taia.snapshot(model)
+    same = {k: v.clone() for k, v in snap.items()}
+    assert taia.fingerprint(snap) == taia.fingerprint(same)
+    name = next(iter(same))
+    same[name].view(-1)[0] += 1e-6  # one number changed
+    assert taia.fingerprint(snap) != taia.fingerprint(same)
+
+
+def test_mix_refuses_to_split_tied_embedding_and_head():
+    model = tiny(tie=True)
+    state = model.state_dict()
+    with pytest.raises(ValueError, match="tied"):
+        taia.mix(state, state, {"embedding"})
+    assert set(taia.mix(state, state, {"embedding", "head"})) == set(state)
+
+
+def test_lora_keeps_the_wrapped_layer_bias_and_dtype():
+    layer = torch.nn.Sequential()
+    layer.add_module("attn", torch.nn.Module())
+    layer.attn.q_proj = torch.nn.Linear(8, 8, bias=True).to(torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    before = layer.attn.q_proj(x)
+    taia.add_lora(layer, rank=2, alpha=4, dropout=0.0)
+    assert layer.attn.q_proj.lora_A.dtype == torch.float64
+    assert torch.equal(layer.attn.q_proj(x), before)

@@ -1,0 +1,136 @@
+"""Bad input through the real programs: one line on stderr, exit status 2, no traceback, no files left."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--dim", "32", "--n_layers", "1", "--hidden_dim", "64", "--pretrain_steps", "2", "--finetune_steps", "2",
+        "--batch_tokens", "256", "--micro_batch", "8", "--seq_len", "32"]
+
+
+def run(program, *args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / program), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run("train.py", "--out_dir", out, *TINY, cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_one_line_error(result, expected: str):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_infer_rejects_bad_input(trained, tmp_path):
+    bad_pickle = tmp_path / "evil.pt"
+
+    class RunsCode:  # unpickling this would call os.system
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": RunsCode(), "config": {}}, bad_pickle)
+    cases = [
+        (["--out_dir", tmp_path / "nowhere", "--prompt", "hi"], "tokenizer not found"),
+        (["--out_dir", trained, "--mode", "tiaa", "--prompt", "hi"], "unknown mode"),
+        (["--out_dir", trained, "--modes", "base,,nope", "--eval", trained / "data/ood_test.jsonl"], "unknown mode"),
+        (["--out_dir", trained, "--max_new_tokens", "abc", "--prompt", "hi"], "invalid int value"),
+        (["--out_dir", trained, "--temperature", "nan", "--prompt", "hi"], "--temperature"),
+        (["--out_dir", trained, "--device", "tpu", "--prompt", "hi"], "--device"),
+        (["--out_dir", trained], "give --prompt"),
+        (["--out_dir", trained, "--prompt", "word " * 600], "max_seq_len"),
+        (["--out_dir", trained, "--eval", tmp_path / "missing.jsonl"], "cannot read"),
+        (["--out_dir", trained, "--eval", write(tmp_path / "bad.jsonl", '{"prompt": "a", "response": "b"}\n{oops\n')],
+         "bad.jsonl:2: not valid JSON"),
+        (["--out_dir", trained, "--eval", write(tmp_path / "alpaca.jsonl", '{"instruction": 1, "output": "b"}\n')],
+         "alpaca.jsonl:1:"),
+        (["--out_dir", trained, "--eval", write(tmp_path / "empty.jsonl", "\n")], "holds no examples"),
+        (["--out_dir", trained, "--eval", trained / "data/ood_test.jsonl", "--json", tmp_path / "no/dir/x.json"],
+         "folder does not exist"),
+    ]
+    for args, expected in cases:
+        assert_one_line_error(run("infer.py", *args, cwd=tmp_path), expected)
+    # A checkpoint that would run code when unpickled is refused, and the code never runs.
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    for name in ("tokenizer.model", "finetuned.pt", "ffn_snapshot.pt"):
+        (evil_dir / name).write_bytes((trained / name).read_bytes())
+    (evil_dir / "base.pt").write_bytes(bad_pickle.read_bytes())
+    assert_one_line_error(run("infer.py", "--out_dir", evil_dir, "--prompt", "hi", cwd=tmp_path), "refused or corrupt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_infer_rejects_files_that_do_not_belong_together(trained, tmp_path):
+    def copy_run(name):
+        target = tmp_path / name
+        target.mkdir()
+        for f in ("tokenizer.model", "base.pt", "finetuned.pt", "ffn_snapshot.pt"):
+            (target / f).write_bytes((trained / f).read_bytes())
+        return target
+
+    other = copy_run("other_snapshot")  # a snapshot of a different base model
+    snap = torch.load(other / "ffn_snapshot.pt", weights_only=True)
+    snap["ffn"] = {k: v + 1 for k, v in snap["ffn"].items()}
+    torch.save(snap, other / "ffn_snapshot.pt")
+    assert_one_line_error(run("infer.py", "--out_dir", other, "--prompt", "hi", cwd=tmp_path), "fingerprints differ")
+
+    truncated = copy_run("truncated")
+    (truncated / "finetuned.pt").write_bytes((trained / "finetuned.pt").read_bytes()[:1000])
+    assert_one_line_error(run("infer.py", "--out_dir", truncated, "--prompt", "hi", cwd=tmp_path), "finetuned.pt")
+
+    tensor_only = copy_run("tensor_only")
+    torch.save(torch.zeros(3), tensor_only / "base.pt")
+    assert_one_line_error(run("infer.py", "--out_dir", tensor_only, "--prompt", "hi", cwd=tmp_path),
+                          "not a checkpoint of this project")
+
+    unknown_field = copy_run("unknown_field")
+    for f in ("base.pt", "finetuned.pt"):
+        ckpt = torch.load(unknown_field / f, weights_only=True)
+        ckpt["config"]["n_experts"] = 8
+        torch.save(ckpt, unknown_field / f)
+    assert_one_line_error(run("infer.py", "--out_dir", unknown_field, "--prompt", "hi", cwd=tmp_path), "n_experts")
+
+
+def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (["--seeds", "0"], "--seeds"),
+        (["--stage", "foo"], "invalid choice"),
+        (["--log_interval", "0"], "--log_interval"),
+        (["--n_layers", "0"], "--n_layers"),
+        (["--dim", "-32"], "--dim"),
+        (["--lora_rank", "-1"], "--lora_rank"),
+        (["--device", "tpu"], "--device"),
+        (["--pretrain_text", tmp_path / "missing.txt", "--stage", "pretrain"], "cannot read"),
+        (["--pretrain_text", write(tmp_path / "short.txt", "hi\n"), "--stage", "pretrain"], "fewer than one window"),
+        (["--dim", "30", "--stage", "pretrain"], "must divide"),
+        (["--stage", "finetune"], "checkpoint not found"),
+    ]
+    for args, expected in cases:
+        assert_one_line_error(run("train.py", "--out_dir", out, *TINY, *args, cwd=tmp_path), expected)
+    assert not out.exists() or not any(p.suffix in (".pt", ".model") for p in out.rglob("*"))
+
+
+def test_train_reports_malformed_finetune_data_and_keeps_earlier_files(trained, tmp_path):
+    before = {f: (trained / f).read_bytes() for f in ("finetuned.pt", "ffn_snapshot.pt")}
+    bad = write(tmp_path / "ft.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n')
+    result = run("train.py", "--out_dir", trained, *TINY, "--stage", "finetune", "--finetune", bad, cwd=tmp_path)
+    assert_one_line_error(result, "ft.jsonl:2:")
+    assert {f: (trained / f).read_bytes() for f in before} == before
