@@ -204,7 +204,8 @@ def bench_training(args, device: str, transformers) -> dict:
     loss_diff = None
     if hf is not None:  # a check that the race is fair: same weights, same loss
         with torch.no_grad():
-            loss_diff = abs(loss_of(ours(inputs)).item() - loss_of(forwards["hf"][1]()).item())
+            loss_ours, loss_hf = (loss_of(forward()).item() for _, forward in forwards.values())
+        loss_diff = abs(loss_ours - loss_hf)
 
     # The matmul that measures this machine's rate takes turns with the training steps, so a change
     # in load while we measure moves the yardstick and the steps alike.
@@ -219,7 +220,7 @@ def bench_training(args, device: str, transformers) -> dict:
     tokens_per_s = {name: step_tokens / seconds[name] if name in seconds else None for name in ("ours", "hf")}
     flop_rate = {name: None if tps is None else tps * per_token for name, tps in tokens_per_s.items()}
     return {"tokens_per_step": step_tokens,
-            "ms_per_step": {name: None if tps is None else 1000 * step_tokens / tps for name, tps in tokens_per_s.items()},
+            "ms_per_step": {name: 1000 * seconds[name] if name in seconds else None for name in ("ours", "hf")},
             "tokens_per_s": tokens_per_s,
             "ours_over_hf": ratio(tokens_per_s["ours"], tokens_per_s["hf"]),
             "flops_per_token": per_token,
@@ -246,8 +247,10 @@ def bench_decoding(args, device: str, transformers) -> dict:
         contenders = {"ours_cached": lambda: ours.generate(prompt, new),
                       "ours_uncached": lambda: ours.generate(prompt, new, use_cache=False)}
         if hf is not None:
-            contenders["hf"] = lambda: hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                   use_cache=True, pad_token_id=0)
+            # An explicit all-ones attention mask: left to itself, generate takes every prompt token
+            # equal to pad_token_id for padding and masks it out.
+            contenders["hf"] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                                   min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
         # Check the contenders do the same work before timing them: every row decodes `new` tokens.
         outputs = {name: fn() for name, fn in contenders.items()}
         for name, out in outputs.items():
@@ -285,6 +288,8 @@ def bench_taia(args, device: str) -> dict:
     ffn_bytes = sum(p.nbytes for block in model.blocks for p in block.ffn.parameters())
     ffn = {name: p for name, p in model.named_parameters() if taia.is_ffn(name)}
     snap = taia.snapshot(model)
+    # On CUDA the snapshot goes to host memory and rebuild comes back from it, while the plain copy
+    # stays on the GPU: there the ratios include the PCIe transfer.
     seconds = race({"plain_copy": lambda: {name: p.detach().clone() for name, p in ffn.items()},
                     "snapshot": lambda: taia.snapshot(model),
                     "rebuild": lambda: taia.rebuild(model, snap)}, args, device)
@@ -338,7 +343,8 @@ def report(results: dict, args) -> str:
                          else f"differ from token {b['hf_differs_from']}"])
         lines += ["", table(rows)]
         lines += [f"(note: at {name.replace('_', ' ')} our cached and uncached tokens differ from token "
-                  f"{b['uncached_differs_from']}, a near-tie)" for name, b in d.items() if b["uncached_differs_from"] is not None]
+                  f"{b['uncached_differs_from']}: a near-tie of two logits, or a cache bug)"
+                  for name, b in d.items() if b["uncached_differs_from"] is not None]
         lines += ["", table([
             [f"TAIA, {ta['ffn_tensors']} FFN tensors", "ms", "vs plain copy"],
             ["plain copy {k: v.clone()}", f"{ta['ms']['plain_copy']:.3f}", "1.00x"],

@@ -9,7 +9,7 @@ import torch
 import bench
 
 TINY = ["--dim", "32", "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2", "--hidden_dim", "48",
-        "--vocab_size", "40", "--batch", "2", "--seq_len", "12", "--prompt_len", "4", "--new_tokens", "6",
+        "--vocab_size", "40", "--batch", "2", "--seq_len", "12", "--prompt_len", "16", "--new_tokens", "6",
         "--decode_batches", "1,2", "--repeats", "2", "--warmup", "1", "--gemm_size", "64", "--device", "cpu"]
 
 
@@ -43,6 +43,8 @@ def check_figures(results, with_hf: bool):
     if with_hf:
         assert all(positive(x) for x in peer)
         assert train["loss_diff"] < 1e-4  # both models really hold the same weights
+        # ...and decode the same greedy tokens (a prompt token taken for padding would show here)
+        assert all(f["hf_differs_from"] is None for f in decode.values())
     else:
         assert all(x is None for x in peer) and results["transformers"] is None
 
