@@ -58,14 +58,7 @@ def check_device(device: str) -> str:
 
 def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
     model = Transformer(cfg)
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        raise DataError(f"checkpoint does not fit the model: missing {sorted(expected - set(state))[:3]}, "
-                        f"unexpected {sorted(set(state) - expected)[:3]}")
-    for name, tensor in model.state_dict().items():
-        if state[name].shape != tensor.shape:
-            raise DataError(f"checkpoint does not fit the model: {name} is {tuple(state[name].shape)}, "
-                            f"expected {tuple(tensor.shape)}")
+    taia.check_same_layout(model.state_dict(), state, "the model", "checkpoint")  # exact names and shapes
     model.load_state_dict(state)
     return model.to(device).eval()
 
