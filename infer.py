@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
@@ -56,6 +56,31 @@ def check_device(device: str) -> str:
     return device
 
 
+def hf_tokenizer_path(hf_dir: str) -> str:
+    path = os.path.join(hf_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise DataError(f"{hf_dir} has no tokenizer.model: --init_from needs the sentencepiece tokenizer that "
+                        "Llama-2 and TinyLlama ship (a tokenizer.json alone, as Llama-3 ships, is not supported)")
+    return path
+
+
+def load_hf_base(hf_dir: str) -> tuple[ModelConfig, dict]:
+    """Config and float32 weights of a Hugging Face Llama directory, with errors that name what is missing."""
+    if not os.path.isdir(hf_dir):
+        raise DataError(f"--init_from {hf_dir}: no such directory")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise DataError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+    if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise DataError(f"{hf_dir} has no model.safetensors (or model.safetensors.index.json): only safetensors "
+                        "checkpoints are read")
+    hf_tokenizer_path(hf_dir)  # fail before loading gigabytes
+    try:
+        model = Transformer.from_pretrained(hf_dir)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:  # another architecture, a broken config
+        raise DataError(f"{hf_dir}: {e}") from None
+    return model.cfg, model.state_dict()
+
+
 def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
     model = Transformer(cfg)
     taia.check_same_layout(model.state_dict(), state, "the model", "checkpoint")  # exact names and shapes
@@ -64,21 +89,28 @@ def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer
 
 
 class Weights:
-    """The three files fine-tuning leaves in out_dir: base, tuned, and the FFN snapshot."""
+    """The three files fine-tuning leaves in out_dir: base, tuned, and the FFN snapshot. A fine-tune of a
+    Hugging Face model reads its base from that directory instead of base.pt (init_from: where it is now)."""
 
-    def __init__(self, out_dir: str):
-        base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
+    def __init__(self, out_dir: str, init_from: str | None = None):
         tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]), keys=("model", "config", "base_ffn"))
+        init_from = init_from or tuned.get("init_from")
+        if init_from:
+            cfg, state = load_hf_base(init_from)
+            base = {"model": state, "config": asdict(cfg)}
+        else:
+            base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
         self.snapshot = load_checkpoint(os.path.join(out_dir, FILES["snapshot"]), keys=("ffn",))["ffn"]
         if base["config"] != tuned["config"]:
-            raise DataError(f"{FILES['tuned']} and {FILES['base']} in {out_dir} come from different models")
+            raise DataError(f"{FILES['tuned']} in {out_dir} and its base {init_from or FILES['base']} are different "
+                            "models")
         self.cfg = config_from_dict(base["config"])
         self.base, self.tuned = base["model"], tuned["model"]
         # The three files must belong together: the snapshot and the fine-tune name the same base FFN.
         base_ffn = {k: v for k, v in self.base.items() if taia.is_ffn(k)}
         if not (taia.fingerprint(self.snapshot) == tuned["base_ffn"] == taia.fingerprint(base_ffn)):
-            raise DataError(f"{out_dir}: {FILES['snapshot']}, {FILES['tuned']} and {FILES['base']} do not come "
-                            "from one run (the FFN fingerprints differ)")
+            raise DataError(f"{out_dir}: {FILES['snapshot']}, {FILES['tuned']} and {init_from or FILES['base']} do "
+                            "not come from one run (the FFN fingerprints differ)")
         self.seed = base.get("seed")
         self.meta = {"pretrain": base.get("pretrain"), "finetune": tuned.get("finetune")}
 
@@ -110,9 +142,15 @@ def word_end_table(sp) -> torch.Tensor:
     return table
 
 
-@torch.no_grad()
 def score(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> dict:
-    """Two accuracies of the greedy continuation of each prompt:
+    """{"exact", "answer"}: the share of examples right under each metric (see count_correct)."""
+    counts = count_correct(model, examples, sp, batch_size)
+    return {metric: n / len(examples) for metric, n in counts.items()}
+
+
+@torch.no_grad()
+def count_correct(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> dict:
+    """How many examples' greedy continuations are right, in two senses:
     - "exact": exactly the response, then EOS (the model answers and stops);
     - "answer": starts with the response as whole words (answer extraction, as the paper's evaluations
       read an answer out of a longer output; "Paris is the city..." counts, "Parisian" does not).
@@ -121,10 +159,10 @@ def score(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -
     device = next(model.parameters()).device
     ends_word = word_end_table(sp).to(device)
     encoded = sorted((encode_example(e, sp) for e in examples), key=lambda pair: len(pair[0]))
+    exact = answer = 0
     for ids, _ in encoded:
         if len(ids) - 1 > model.cfg.max_seq_len:
             raise DataError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
-    exact = answer = 0
     for i in range(0, len(encoded), batch_size):
         inputs, targets = example_batch(encoded[i:i + batch_size], pad_id=sp.eos_id())
         inputs, targets = inputs.to(device), targets.to(device)
@@ -135,17 +173,21 @@ def score(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -
         response_ok = (hit | is_eos).all(dim=1)
         stops_word = (ends_word[predicted] | ~is_eos).all(dim=1)
         answer += int((response_ok & stops_word).sum())
-    return {"exact": exact / len(examples), "answer": answer / len(examples)}
+    return {"exact": exact, "answer": answer}
 
 
-def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cpu") -> dict:
-    """{metric: {set name: {mode: accuracy}}} for both metrics of `score`, every mode, every set."""
+def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cpu", rank=0, world_size=1) -> dict:
+    """{metric: {set name: {mode: accuracy}}} for both metrics of `score`, every mode, every set. Under
+    torch.distributed each of world_size processes scores every world_size-th example and the counts are summed."""
     results = {"answer": {name: {} for name in eval_sets}, "exact": {name: {} for name in eval_sets}}
     for mode in modes:
         model = weights.build(mode, device)
         for name, examples in eval_sets.items():
-            for metric, value in score(model, examples, sp).items():
-                results[metric][name][mode] = value
+            counts = count_correct(model, examples[rank::world_size], sp)
+            total = torch.tensor([counts["exact"], counts["answer"]], dtype=torch.float64, device=device)
+            if world_size > 1:
+                torch.distributed.all_reduce(total)
+            results["exact"][name][mode], results["answer"][name][mode] = (total / len(examples)).tolist()
     return results
 
 
@@ -183,6 +225,8 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="where train.py left base.pt, finetuned.pt, "
                    "ffn_snapshot.pt and tokenizer.model (default: out)")
+    p.add_argument("--init_from", metavar="DIR", help="the Hugging Face directory a --init_from fine-tune "
+                   "started from, when it has moved since training")
     p.add_argument("--mode", default="taia", help="the mode to generate with (default: taia)")
     p.add_argument("--modes", default=None, help="comma-separated modes to evaluate side by side with --eval "
                    "(default: base,vanilla,taia,taif)")
@@ -211,7 +255,7 @@ def main(argv=None):
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise DataError(f"--json {args.json}: its folder does not exist")
     sp = load_tokenizer(os.path.join(args.out_dir, FILES["tokenizer"]))
-    weights = Weights(args.out_dir)
+    weights = Weights(args.out_dir, args.init_from)
     check_tokenizer(sp, weights.cfg)
     if args.eval:
         sets = {os.path.splitext(os.path.basename(f))[0]: read_examples(f) for f in args.eval}
@@ -234,14 +278,18 @@ def write_json(path: str, obj):
 
 
 def run_cli(main_fn):
-    """Bad input of any kind: one line on stderr and exit status 2, never a traceback."""
+    """Bad input of any kind: one line on stderr and exit status 2, never a traceback. Ctrl-C: exit
+    status 130, with train.py's word on what it saved. Under torchrun only rank 0 speaks."""
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         main_fn()
     except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if speaks:
+            print(f"interrupted: {e or 'nothing was saved'}", file=sys.stderr)
         sys.exit(130)
 
 
