@@ -1,0 +1,175 @@
+"""The training loop under interruption and on several processes: Ctrl-C, SIGKILL and a non-finite loss
+leave files that load, --resume ends exactly where an uninterrupted run ends, and 2 gloo processes give
+the single-process result."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from train import my_micro_batches
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--dim", "32", "--n_layers", "1", "--hidden_dim", "64", "--batch_tokens", "512", "--micro_batch", "8",
+        "--seq_len", "32", "--finetune_batch", "8", "--log_interval", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*args, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for(proc: subprocess.Popen, text: str):
+    for line in proc.stdout:
+        if text in line:
+            return
+    pytest.fail(f"the run ended before printing {text!r}: {proc.stderr.read()}")
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=atol), (name, (a[name] - b[name]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "out"
+    result = train("--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "3")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path, name: str) -> Path:
+    return Path(shutil.copytree(run, tmp_path / name))
+
+
+def test_micro_batches_split_a_global_batch_evenly_over_processes():
+    inputs = torch.arange(10 * 6).view(10, 6)
+    targets = torch.full((10, 6), -100)
+    targets[:, 1:3] = 1
+    targets[0, 4] = 1  # only row 0 predicts column 4: its micro-batch keeps 5 columns, the others 3
+    shares = [my_micro_batches(inputs, targets, micro_batch=3, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2]  # ceil(10 / 3) = 4 micro-batches, 2 per process
+    rows = sorted(int(x[i, 0]) for share in shares for x, _ in share for i in range(len(x)))
+    assert rows == [6 * i for i in range(10)]  # every sequence exactly once
+    assert all(len(x) <= 3 for share in shares for x, _ in share)
+    widths = [x.shape[1] for share in shares for x, _ in share]
+    assert sorted(widths) == [3, 3, 3, 5]
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
+    # LoRA with dropout: the resumed run must restore the batch order and the dropout RNG as well.
+    finetune = ["--stage", "finetune", *TINY, "--finetune_steps", "150", "--lora_rank", "4"]
+    whole = copy_of(pretrained, tmp_path, "whole")
+    assert train("--out_dir", whole, *finetune).returncode == 0
+
+    stopped = copy_of(pretrained, tmp_path, "stopped")
+    proc = start("--out_dir", stopped, *finetune)
+    wait_for(proc, "finetune step 5/150")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr.splitlines()[-1]
+    state = torch.load(stopped / "finetune_state.pt", weights_only=True)
+    assert 5 <= state["step"] < 150 and not (stopped / "finetuned.pt").exists()
+
+    result = train("--out_dir", stopped, *finetune, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {stopped / 'finetune_state.pt'} at step {state['step']}/150" in result.stdout
+    assert_same_weights(weights(stopped / "finetuned.pt"), weights(whole / "finetuned.pt"))
+    assert not (stopped / "finetune_state.pt").exists()  # done: nothing left to resume
+
+
+def loads(path: Path):
+    """Open a file the way the programs do; raises if it is damaged."""
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.name.startswith("tokenizer.model"):
+        return spm.SentencePieceProcessor(model_file=str(path))
+    return path.read_text(encoding="utf-8")
+
+
+def test_sigkill_leaves_only_loadable_files_and_resume_finishes_the_run(tmp_path):
+    pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "200", "--save_interval", "1"]
+    assert train("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
+
+    out = tmp_path / "killed"
+    proc = start("--out_dir", out, *pretrain)
+    wait_for(proc, "pretrain step 20/200")
+    proc.kill()
+    proc.wait()
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix != ".tmp"]  # .tmp: a save cut short
+    assert out / "pretrain_state.pt" in files
+    for path in files:
+        loads(path)
+    assert train("--out_dir", out, *pretrain, "--resume").returncode == 0
+    assert_same_weights(weights(out / "base.pt"), weights(tmp_path / "whole" / "base.pt"))
+    assert (out / "tokenizer.model").read_bytes() == (tmp_path / "whole" / "tokenizer.model").read_bytes()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    result = train("--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "20", "--save_interval", "1",
+                   "--pretrain_lr", "1e12")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the loss became nan" in result.stderr and "last good checkpoint" in result.stderr
+    state = torch.load(out / "pretrain_state.pt", weights_only=True)
+    assert state["step"] >= 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (out / "base.pt").exists()
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(pretrained, tmp_path):
+    out = copy_of(pretrained, tmp_path, "out")
+    finetune = ["--stage", "finetune", *TINY, "--finetune_steps", "4", "--save_interval", "2"]
+    proc = start("--out_dir", out, *finetune, "--finetune_steps", "400")
+    wait_for(proc, "finetune step 3/400")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    result = train("--out_dir", out, *finetune, "--resume")
+    assert result.returncode == 2 and "finetune_steps" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_gloo_processes_give_the_single_process_result(tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    # The same global batches (16 windows, 8 fine-tuning examples) in micro-batches of 2, on 1 and 2 processes.
+    run = [*TINY, "--micro_batch", "2", "--pretrain_steps", "4", "--finetune_steps", "3", "--modes", "base,taia"]
+    single = train("--out_dir", tmp_path / "one", *run)
+    assert single.returncode == 0, single.stderr
+    double = train("--out_dir", tmp_path / "two", *run,
+                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    assert double.returncode == 0, double.stderr
+    for name in ("base.pt", "finetuned.pt"):
+        assert_same_weights(weights(tmp_path / "two" / name), weights(tmp_path / "one" / name), atol=1e-5)
+    losses = [[line.split(" loss ")[1].split()[0] for line in r.stdout.splitlines() if " loss " in line]
+              for r in (single, double)]
+    assert len(losses[0]) == 7 and losses[0] == losses[1]  # printed once (rank 0), the same to 4 decimals
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["results"] == two["results"]
+
+
+def test_compiled_training_saves_plain_parameter_names(tmp_path):
+    out = tmp_path / "out"
+    result = train("--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "2", "--compile")
+    assert result.returncode == 0, result.stderr
+    names = list(weights(out / "base.pt"))
+    assert "embed.weight" in names and not any("_orig_mod" in n or n.startswith("module.") for n in names)
