@@ -279,16 +279,16 @@ def write_json(path: str, obj):
 
 def run_cli(main_fn):
     """Bad input of any kind: one line on stderr and exit status 2, never a traceback. Ctrl-C: exit
-    status 130, with train.py's word on what it saved. Under torchrun only rank 0 speaks."""
-    speaks = os.environ.get("RANK", "0") == "0"
+    status 130, with train.py's word on what it saved. Under torchrun, ranks other than 0 say who they are."""
+    rank = os.environ.get("RANK", "0")
+    who = "" if rank == "0" else f"[rank {rank}] "
     try:
         main_fn()
     except (DataError, ValueError, OSError) as e:
-        if speaks:
-            print(f"error: {e}", file=sys.stderr)
+        print(f"{who}error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        if speaks:
+        if not who:
             print(f"interrupted: {e or 'nothing was saved'}", file=sys.stderr)
         sys.exit(130)
 

@@ -317,7 +317,7 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     trained = torch.compile(model) if args.compile else model  # `model` stays the raw module we save
     if args.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained)
-    start, saved_at = 0, None
+    start, saved_at, save_due = 0, None, False
     if args.resume and os.path.exists(state_path):
         state = load_checkpoint(state_path, keys=("model", "optimizer", "scaler", "step", "data", "rng", "run"))
         if state["run"] != run_key:
@@ -327,7 +327,8 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
         taia.check_same_layout(model.state_dict(), state["model"], "the model", state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the stopped run did not use float16
+            scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])
         set_rng_states(state["rng"])
         start = saved_at = state["step"]
@@ -335,11 +336,13 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     elif os.path.exists(state_path):
         log(args, f"{desc}: starting over; {state_path} is from a stopped run (--resume continues it)")
 
-    def save_state(step: int):
+    def position() -> dict:  # where the batches and random numbers stand
+        return {"data": batches.state_dict(), "rng": rng_states()}
+
+    def save_state(step: int, at: dict):
         if is_main(args):
             save_checkpoint(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "scaler": scaler.state_dict(), "step": step, "data": batches.state_dict(),
-                                         "rng": rng_states(), "run": run_key})
+                                         "scaler": scaler.state_dict(), "step": step, **at, "run": run_key})
         barrier(args)
 
     peak = peak_flops(args)
@@ -352,6 +355,7 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             step_lr = cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
+            before = position() if save_due else None
             inputs, targets = batches.next()
             n_targets = int((targets != -100).sum())
             mine = my_micro_batches(inputs, targets, args.micro_batch, args.rank, args.world_size)
@@ -375,13 +379,18 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             if args.world_size > 1:
                 dist.all_reduce(shared)
             step_loss, stop_now = shared[0].item(), shared[1].item() > 0
-            if not math.isfinite(step_loss):
-                kept = f"{state_path} (step {saved_at}) is the last good checkpoint" if saved_at else \
-                    "no checkpoint was saved yet"
-                raise DataError(f"{desc}: the loss became {step_loss} at step {step + 1}; stopped. {kept}; "
-                                "lower the learning rate (--resume may change it)")
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            # Stop before a non-finite update reaches the weights (under float16 the scaler skips such steps).
+            if not math.isfinite(step_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
+                kept = f"{state_path} (step {saved_at}) is the last good checkpoint" if saved_at else \
+                    "no checkpoint was saved yet"
+                what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else "the gradient became inf/nan"
+                raise DataError(f"{desc}: {what} at step {step + 1}; stopped. {kept}; lower the learning rate "
+                                "(--resume may change it)")
+            if save_due:  # a checkpoint is written once the next step's loss shows its weights are good
+                save_state(step, before)
+                saved_at, save_due = step, False
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -398,10 +407,9 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
                     line += f" MFU {100 * flops_per_token * tokens / elapsed / (peak * args.world_size):.1f}%"
                 log(args, line)
                 t0, tokens, losses = time.time(), 0, []
-            if stop_now or (args.save_interval and done % args.save_interval == 0 and done < steps):
-                save_state(done)
-                saved_at = done
+            save_due = bool(args.save_interval) and done % args.save_interval == 0 and done < steps
             if stop_now:
+                save_state(done, position())
                 raise Interrupted(f"{desc}: stopped at step {done}/{steps}; saved {state_path}. Run the same "
                                   "command with --resume to continue")
     model.eval()
@@ -427,6 +435,13 @@ def toy_paths(out_dir: str) -> dict:
             **{n: os.path.join(data_dir, n + ".jsonl") for n in names}}
 
 
+def toy_world_is_there(paths: dict, stamp: str, seed: int) -> bool:
+    if not all(os.path.exists(p) for p in [*paths.values(), stamp]):
+        return False
+    with open(stamp) as f:
+        return json.load(f).get("seed") == seed
+
+
 def stage_data(args, out_dir: str, seed: int):
     needs_toy_text = not (args.pretrain_text or args.init_from)
     if not (needs_toy_text or not args.finetune or not args.eval):
@@ -434,15 +449,11 @@ def stage_data(args, out_dir: str, seed: int):
     paths = toy_paths(out_dir)
     data_dir = os.path.dirname(paths["pretrain"])
     stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
-    if all(os.path.exists(p) for p in paths.values()) and os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f).get("seed") == seed:
-                return
-    if is_main(args):
+    if is_main(args) and not toy_world_is_there(paths, stamp, seed):
         generate_toy_world(data_dir, seed=seed)
         write_json(stamp, {"seed": seed})
         print(f"toy world (seed {seed}) written to {data_dir}")
-    barrier(args)
+    barrier(args)  # every process, always: the others wait for rank 0's files
 
 
 def model_config(args, vocab_size: int) -> ModelConfig:
@@ -451,6 +462,12 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     cfg["vocab_size"] = vocab_size
     cfg["max_seq_len"] = max(cfg["max_seq_len"], args.seq_len)
     return ModelConfig(**cfg)
+
+
+def resume_key(settings: dict, **more) -> dict:
+    """What a resumed run must share with the stopped one: everything but the learning rate, which may be
+    lowered after a non-finite loss."""
+    return {**{k: v for k, v in settings.items() if not k.endswith("_lr")}, **more}
 
 
 PRETRAIN_KEYS = ("pretrain_text", "pretrain_steps", "pretrain_lr", "batch_tokens", "seq_len", "weight_decay",
@@ -480,7 +497,7 @@ def stage_pretrain(args, out_dir: str, seed: int):
     settings = {k: getattr(args, k) for k in PRETRAIN_KEYS}
     train_loop(model, WindowBatches(stream, n_windows, args.seq_len, seed), args.pretrain_steps, args.pretrain_lr,
                args.weight_decay, args, "pretrain", state_path(out_dir, "pretrain"),
-               {**settings, "seed": seed, "config": asdict(cfg)})
+               resume_key(settings, seed=seed, config=asdict(cfg)))
     if is_main(args):
         save_checkpoint(os.path.join(out_dir, FILES["base"]),
                         {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings})
@@ -532,7 +549,7 @@ def stage_finetune(args, out_dir: str, seed: int):
     base_ffn = taia.fingerprint(original_ffn)  # which base this fine-tune starts from
     batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)
     train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune",
-               state_path(out_dir, "finetune"), {**settings, "seed": seed, "base_ffn": base_ffn})
+               state_path(out_dir, "finetune"), resume_key(settings, seed=seed, base_ffn=base_ffn))
     # Under LoRA, save the fully merged weights: infer.py derives every mode from base + tuned, and for
     # LoRA combine(base, merged, "taia") equals merging only the attention adapters (tests/test_taia.py).
     tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
@@ -621,6 +638,7 @@ def main(argv=None):
     try:
         if args.seeds == 1:
             run(args, args.out_dir, args.seed)
+            barrier(args)
             return
         reports = []
         for seed in range(args.seed, args.seed + args.seeds):
@@ -630,6 +648,7 @@ def main(argv=None):
             summary = summarise(reports)
             print(summary)
             write_json(os.path.join(args.out_dir, "summary.json"), {"reports": reports, "summary": summary})
+        barrier(args)  # leave together: a process that tears down gloo while rank 0 still writes aborts
     finally:
         if args.world_size > 1:
             dist.destroy_process_group()

@@ -110,6 +110,7 @@ def test_infer_rejects_files_that_do_not_belong_together(trained, tmp_path):
 
 def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
     out = tmp_path / "out"
+    good_jsonl = write(tmp_path / "good.jsonl", '{"prompt": "a", "response": "b"}\n')
     cases = [
         (["--seeds", "0"], "--seeds"),
         (["--stage", "foo"], "invalid choice"),
@@ -122,6 +123,12 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--pretrain_text", write(tmp_path / "short.txt", "hi\n"), "--stage", "pretrain"], "fewer than one window"),
         (["--dim", "30", "--stage", "pretrain"], "must divide"),
         (["--stage", "finetune"], "checkpoint not found"),
+        (["--dtype", "float8"], "invalid choice"),
+        (["--dtype", "float16", "--device", "cpu"], "needs --device cuda"),
+        (["--save_interval", "-1"], "--save_interval"),
+        (["--peak_tflops", "0"], "--peak_tflops"),
+        (["--init_from", tmp_path, "--stage", "pretrain"], "replaces pretraining"),
+        (["--init_from", tmp_path / "nowhere", "--finetune", good_jsonl, "--eval", good_jsonl], "no such directory"),
     ]
     for args, expected in cases:
         assert_one_line_error(run("train.py", "--out_dir", out, *TINY, *args, cwd=tmp_path), expected)

@@ -127,14 +127,26 @@ def test_sigkill_leaves_only_loadable_files_and_resume_finishes_the_run(tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "200"]
+    assert train("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
     out = tmp_path / "out"
-    result = train("--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "20", "--save_interval", "1",
-                   "--pretrain_lr", "1e12")
+    proc = start("--out_dir", out, *pretrain)  # a good checkpoint, from Ctrl-C
+    wait_for(proc, "pretrain step 3/200")
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    good = (out / "pretrain_state.pt").read_bytes()
+    step = torch.load(out / "pretrain_state.pt", weights_only=True)["step"]
+
+    # Resumed with an absurd learning rate, the loss turns nan after one update: stop, keep the file.
+    result = train("--out_dir", out, *pretrain, "--resume", "--pretrain_lr", "1e12", "--save_interval", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "the loss became nan" in result.stderr and "last good checkpoint" in result.stderr
-    state = torch.load(out / "pretrain_state.pt", weights_only=True)
-    assert state["step"] >= 1 and all(torch.isfinite(t).all() for t in state["model"].values())
-    assert not (out / "base.pt").exists()
+    assert f"the loss became nan at step {step + 2}" in result.stderr
+    assert f"pretrain_state.pt (step {step}) is the last good checkpoint" in result.stderr
+    assert (out / "pretrain_state.pt").read_bytes() == good and not (out / "base.pt").exists()
+
+    # With the learning rate back, the run ends exactly where an uninterrupted one does.
+    assert train("--out_dir", out, *pretrain, "--resume").returncode == 0
+    assert_same_weights(weights(out / "base.pt"), weights(tmp_path / "whole" / "base.pt"))
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(pretrained, tmp_path):
