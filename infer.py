@@ -17,7 +17,8 @@ from dataclasses import asdict, fields
 import torch
 
 import taia
-from data.text import DataError, encode_example, example_batch, load_tokenizer, read_examples
+from data.text import (PLAIN_TEMPLATE, DataError, apply_template, encode_example, example_batch, load_tokenizer,
+                       read_examples)
 from model import ModelConfig, Transformer
 
 FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.pt", "tokenizer": "tokenizer.model"}
@@ -113,6 +114,8 @@ class Weights:
                             "not come from one run (the FFN fingerprints differ)")
         self.seed = base.get("seed")
         self.meta = {"pretrain": base.get("pretrain"), "finetune": tuned.get("finetune")}
+        # Prompts are wrapped in the template the model was fine-tuned with.
+        self.template = (tuned.get("finetune") or {}).get("template") or PLAIN_TEMPLATE
 
     def build(self, mode: str, device="cpu") -> Transformer:
         if mode == "taia":  # the method as deployed: tuned model, original FFN put back
@@ -142,14 +145,15 @@ def word_end_table(sp) -> torch.Tensor:
     return table
 
 
-def score(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> dict:
+def score(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE, batch_size: int = 128) -> dict:
     """{"exact", "answer"}: the share of examples right under each metric (see count_correct)."""
-    counts = count_correct(model, examples, sp, batch_size)
+    counts = count_correct(model, examples, sp, template, batch_size)
     return {metric: n / len(examples) for metric, n in counts.items()}
 
 
 @torch.no_grad()
-def count_correct(model: Transformer, examples: list[dict], sp, batch_size: int = 128) -> dict:
+def count_correct(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE,
+                  batch_size: int = 128) -> dict:
     """How many examples' greedy continuations are right, in two senses:
     - "exact": exactly the response, then EOS (the model answers and stops);
     - "answer": starts with the response as whole words (answer extraction, as the paper's evaluations
@@ -158,7 +162,7 @@ def count_correct(model: Transformer, examples: list[dict], sp, batch_size: int 
     reference token is the argmax given the reference tokens before it."""
     device = next(model.parameters()).device
     ends_word = word_end_table(sp).to(device)
-    encoded = sorted((encode_example(e, sp) for e in examples), key=lambda pair: len(pair[0]))
+    encoded = sorted((encode_example(e, sp, template) for e in examples), key=lambda pair: len(pair[0]))
     exact = answer = 0
     for ids, _ in encoded:
         if len(ids) - 1 > model.cfg.max_seq_len:
@@ -183,7 +187,7 @@ def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cp
     for mode in modes:
         model = weights.build(mode, device)
         for name, examples in eval_sets.items():
-            counts = count_correct(model, examples[rank::world_size], sp)
+            counts = count_correct(model, examples[rank::world_size], sp, weights.template)
             total = torch.tensor([counts["exact"], counts["answer"]], dtype=torch.float64, device=device)
             if world_size > 1:
                 torch.distributed.all_reduce(total)
@@ -202,8 +206,8 @@ def format_table(results: dict, modes: list[str], title: str) -> str:
 
 
 def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int | None = None, seed: int = 0) -> str:
-    ids = [sp.bos_id()] + sp.encode(prompt)
+                  top_k: int | None = None, seed: int = 0, template: str = PLAIN_TEMPLATE) -> str:
+    ids = [sp.bos_id()] + sp.encode(apply_template(template, prompt))
     max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
     if max_new_tokens <= 0:
         raise DataError(f"the prompt ({len(ids)} tokens) leaves no room within max_seq_len {model.cfg.max_seq_len}")
@@ -230,7 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="taia", help="the mode to generate with (default: taia)")
     p.add_argument("--modes", default=None, help="comma-separated modes to evaluate side by side with --eval "
                    "(default: base,vanilla,taia,taif)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt to continue; repeat for several")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt to continue (wrapped in the fine-tuning "
+                   "--template, if any); repeat for several")
     p.add_argument("--eval", action="append", default=[], metavar="FILE.jsonl",
                    help='print exact-match accuracy on {"prompt", "response"} lines; repeat for several files')
     p.add_argument("--json", metavar="FILE", help="also write the --eval results to FILE as JSON")
@@ -267,7 +272,8 @@ def main(argv=None):
     if args.prompt:
         model = weights.build(args.mode, args.device)
         for prompt in args.prompt:
-            print(generate_text(model, sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+            print(generate_text(model, sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                                weights.template))
 
 
 def write_json(path: str, obj):

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import taia
-from data.text import (DataError, encode_example, example_batch, load_tokenizer, random_windows, read_examples,
-                       read_lines, token_stream, train_tokenizer)
+from data.text import (PLAIN_TEMPLATE, DataError, check_template, encode_example, example_batch, load_tokenizer,
+                       random_windows, read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
 from infer import (FILES, OneLineParser, Weights, check_device, check_tokenizer, config_from_dict, evaluate,
                    format_table, hf_tokenizer_path, load_checkpoint, load_hf_base, model_from_state, parse_modes,
@@ -76,6 +76,9 @@ def parse_args(argv=None):
     a("--finetune_set", default="ood", choices=["ood", "id"],
       help="toy world: out-of-distribution fine-tuning data (default) or the in-distribution control")
     a("--eval", action="append", default=[], metavar="FILE.jsonl", help="evaluation set (repeatable)")
+    a("--template", default=PLAIN_TEMPLATE,
+      help='how a prompt is shown to the model in fine-tuning, evaluation and infer.py, e.g. '
+           '"### Instruction:\\n{prompt}\\n\\n### Response:\\n" (default: the prompt verbatim)')
     a("--modes", default="base,vanilla,taia,taif",
       help="modes to evaluate (infer.py lists them; e.g. add only-attention,only-embedding for the provenance "
            "ablation)")
@@ -134,6 +137,11 @@ def parse_args(argv=None):
         p.error("--save_interval must be >= 0 and --peak_tflops > 0")
     if args.lora_rank and args.train_scope != "all":
         p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
+    args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
+    try:
+        check_template(args.template)
+    except DataError as e:
+        p.error(f"--template: {e}")
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
@@ -509,8 +517,8 @@ def finetune_examples(args, out_dir: str):
     return read_examples(args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set])
 
 
-FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "finetune_steps", "finetune_lr", "finetune_batch",
-                 "train_scope", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_dropout")
+FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "template", "finetune_steps", "finetune_lr",
+                 "finetune_batch", "train_scope", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_dropout")
 
 
 def load_base(args, out_dir: str):
@@ -528,7 +536,7 @@ def stage_finetune(args, out_dir: str, seed: int):
     del base_state
     sp = load_tokenizer(tokenizer_path)
     check_tokenizer(sp, cfg)
-    encoded = [encode_example(e, sp) for e in finetune_examples(args, out_dir)]
+    encoded = [encode_example(e, sp, args.template) for e in finetune_examples(args, out_dir)]
     too_long = [len(ids) for ids, _ in encoded if len(ids) - 1 > cfg.max_seq_len]
     if too_long:
         raise DataError(f"{len(too_long)} fine-tuning examples exceed max_seq_len {cfg.max_seq_len}")

@@ -4,7 +4,8 @@ Formats (the toy world writes these; a user's own data takes the same form):
 - pretraining text: a plain UTF-8 file, one document per line;
 - examples: JSONL, one {"prompt": str, "response": str} object per line (Alpaca's
   {"instruction", "input", "output"} is accepted too). The model sees
-  BOS + prompt + " " + response + EOS, and the fine-tuning loss counts only the response and EOS.
+  BOS + template(prompt) + " " + response + EOS, and the fine-tuning loss counts only the response and
+  EOS. The template is "{prompt}" (the prompt verbatim) unless train.py's --template says otherwise.
 """
 import io
 import json
@@ -99,9 +100,22 @@ def random_windows(stream: torch.Tensor, batch: int, seq_len: int, generator: to
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def encode_example(example: dict, sp) -> tuple[list[int], int]:
-    """Token ids of BOS + prompt + response + EOS, and where the response starts."""
-    prompt = [sp.bos_id()] + sp.encode(example["prompt"])
+PLAIN_TEMPLATE = "{prompt}"
+
+
+def check_template(template: str) -> str:
+    if template.count("{prompt}") != 1:
+        raise DataError(f"the template must contain {{prompt}} exactly once: {template!r}")
+    return template
+
+
+def apply_template(template: str, prompt: str) -> str:
+    return template.replace("{prompt}", prompt)
+
+
+def encode_example(example: dict, sp, template: str = PLAIN_TEMPLATE) -> tuple[list[int], int]:
+    """Token ids of BOS + template(prompt) + response + EOS, and where the response starts."""
+    prompt = [sp.bos_id()] + sp.encode(apply_template(template, example["prompt"]))
     # sentencepiece marks a word start with a leading "▁", so encoding the response on its own gives
     # the same pieces as encoding it after a space: prompt + " " + response.
     return prompt + sp.encode(example["response"]) + [sp.eos_id()], len(prompt)

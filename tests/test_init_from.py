@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.text import load_tokenizer, train_tokenizer
+from infer import Weights, generate_text
 from model import hf_to_ours
 
 transformers = pytest.importorskip("transformers")
@@ -56,14 +57,14 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
     out = tmp_path / "out"
     result = run("train.py", "--init_from", llama_dir, "--out_dir", out, "--finetune", data["finetune"],
                  "--eval", data["eval"], "--finetune_steps", "3", "--finetune_batch", "4", "--micro_batch", "2",
-                 "--log_interval", "1")
+                 "--log_interval", "1", "--template", "Q: {prompt}\\nA:")
     assert result.returncode == 0, result.stderr
     assert "finetune step 3/3" in result.stdout
     # The base stays in the Hugging Face directory: no copy of it, no toy world, no pretraining.
     assert sorted(p.name for p in out.iterdir()) == ["ffn_snapshot.pt", "finetuned.pt", "results.json",
                                                      "tokenizer.model"]
     tuned = torch.load(out / "finetuned.pt", weights_only=True)
-    assert tuned["init_from"] == str(llama_dir)
+    assert tuned["init_from"] == str(llama_dir) and tuned["finetune"]["template"] == "Q: {prompt}\nA:"
     # The snapshot is exactly the checkpoint's MLP weights, and fine-tuning changed them.
     from safetensors.torch import load_file
     hf = {hf_to_ours(k): v for k, v in load_file(llama_dir / "model.safetensors").items()}
@@ -77,6 +78,11 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
                  "--prompt", "Where does salt go?")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "infer.json").read_text())["results"]["answer"] == report["results"]
+    # infer.py wraps a prompt in the fine-tuning template, as training did.
+    weights = Weights(str(out))
+    sp = load_tokenizer(str(out / "tokenizer.model"))
+    expected = generate_text(weights.build("taia"), sp, "Where does salt go?", 32, template="Q: {prompt}\nA:")
+    assert weights.template == "Q: {prompt}\nA:" and expected + "\n" in result.stdout
 
     # The directory moved: infer.py says so, and --init_from points at its new place.
     moved = Path(shutil.copytree(llama_dir, tmp_path / "moved"))

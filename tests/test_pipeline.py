@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data.text import (DataError, encode_example, example_batch, load_tokenizer, read_examples, read_lines,
-                       train_tokenizer)
+from data.text import (DataError, check_template, encode_example, example_batch, load_tokenizer, read_examples,
+                       read_lines, train_tokenizer)
 from data.toy_world import generate
 from infer import score
 
@@ -75,6 +75,17 @@ class BigramModel(torch.nn.Module):
 
     def forward(self, tokens):
         return self.table[tokens]
+
+
+def test_a_template_wraps_the_prompt_and_moves_where_the_response_starts(tokenizer):
+    sp, _ = tokenizer
+    example = {"prompt": "city for Kalo?", "response": "Varn"}
+    plain, plain_start = encode_example(example, sp)
+    ids, start = encode_example(example, sp, "Instruction: {prompt} Response:")
+    assert ids == [sp.bos_id()] + sp.encode("Instruction: city for Kalo? Response:") + sp.encode("Varn") + [sp.eos_id()]
+    assert ids[start:] == plain[plain_start:] and start > plain_start
+    with pytest.raises(DataError, match="exactly once"):
+        check_template("{prompt} and {prompt}")
 
 
 def test_exact_match_on_hand_made_cases(tokenizer):
