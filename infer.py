@@ -295,7 +295,7 @@ def run_cli(main_fn):
         sys.exit(2)
     except KeyboardInterrupt as e:
         if not who:
-            print(f"interrupted: {e or 'nothing was saved'}", file=sys.stderr)
+            print(f"interrupted: {str(e) or 'nothing was saved'}", file=sys.stderr)
         sys.exit(130)
 
 

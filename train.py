@@ -295,7 +295,7 @@ def train_flops_per_token(model: Transformer, seq_len: int) -> float:
     """Matmul FLOPs per trained token: 2N forward and 2N for activation gradients over all N matmul weights,
     2N more for the trained ones' weight gradients, and causal-free attention scores 12 * layers * dim * T
     (PaLM, Chowdhery et al. 2022, appendix B)."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, taia.LoRALinear))]
     n_all = sum(m.weight.numel() for m in linears)
     n_trained = sum(m.weight.numel() for m in linears if m.weight.requires_grad)
     return 4 * n_all + 2 * n_trained + 12 * model.cfg.n_layers * model.cfg.dim * seq_len
@@ -581,7 +581,7 @@ def eval_sets(args, out_dir: str) -> dict:
 
 def stage_eval(args, out_dir: str, started: float) -> dict:
     sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
-    weights = Weights(out_dir)
+    weights = Weights(out_dir, args.init_from)
     check_tokenizer(sp, weights.cfg)
     modes = parse_modes(args.modes)
     # Each process scores its share of every set; the counts are summed over processes.
