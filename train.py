@@ -219,6 +219,9 @@ def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: i
     """Split a global batch into micro-batches of at most micro_batch rows, the same number for every
     process, and return this process's; trailing columns with nothing to predict are cut off."""
     n_chunks = world_size * math.ceil(math.ceil(len(inputs) / micro_batch) / world_size)
+    if len(inputs) < n_chunks:  # a process would get an empty micro-batch, and DDP's gradient sync would fail
+        raise DataError(f"a batch of {len(inputs)} sequences does not fill {n_chunks} micro-batches over {world_size} "
+                        "processes: raise --finetune_batch / --batch_tokens or --micro_batch")
     chunks = list(zip(inputs.tensor_split(n_chunks), targets.tensor_split(n_chunks)))[rank::world_size]
     mine = []
     for x, y in chunks:
