@@ -145,7 +145,8 @@ def word_end_table(sp) -> torch.Tensor:
     return table
 
 
-def score(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE, batch_size: int = 128) -> dict:
+def score(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE,
+          batch_size: int = 128) -> dict:
     """{"exact", "answer"}: the share of examples right under each metric (see count_correct)."""
     counts = count_correct(model, examples, sp, template, batch_size)
     return {metric: n / len(examples) for metric, n in counts.items()}
