@@ -1,6 +1,6 @@
-"""Talk to, or evaluate, any TAIA mode of a model fine-tuned by train.py.
+"""Use a finished run of train.py: build any TAIA mode from its files, talk to it, or score it.
 
-    python infer.py --mode taia --prompt "Instruction: city for Kalo? Response:"
+    python infer.py --modes base,vanilla,taia --prompt "Instruction: city for Ruba? Response:"
     python infer.py --modes base,vanilla,taia,taif --eval out/data/ood_test.jsonl
 
 Modes (see taia.py): base (pretrained weights), vanilla (all fine-tuning updates), taia (tuned
@@ -11,56 +11,47 @@ norm, embedding, head).
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, fields
 
 import torch
 
 import taia
-from data.text import (PLAIN_TEMPLATE, DataError, apply_template, encode_example, example_batch, load_tokenizer,
-                       read_examples)
+from common import FILES, OneLineParser, UserError, load_checkpoint, resolve_device, run_cli, write_json
+from data.text import PLAIN_TEMPLATE, apply_template, encode_example, example_batch, load_tokenizer, read_examples
 from model import ModelConfig, Transformer
 
-FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.pt", "tokenizer": "tokenizer.model"}
-
-
-def load_checkpoint(path: str, keys=("model", "config")) -> dict:
-    """A dict holding at least `keys`. weights_only=True: a file can never run code when loaded."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated file, a pickle that would run code, not a checkpoint at all
-        raise DataError(f"cannot load {path}: not a checkpoint of plain tensors (refused or corrupt)") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
-        raise DataError(f"{path} is not a checkpoint of this project (expected the keys {', '.join(keys)})")
-    return ckpt
+# ---- models from files ------------------------------------------------------------------------------
 
 
 def config_from_dict(d) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     if not isinstance(d, dict) or set(d) - known:
-        raise DataError(f"checkpoint config has unknown fields: {sorted(set(d) - known) if isinstance(d, dict) else d}")
-    return ModelConfig(**d)
+        raise UserError(f"checkpoint config has unknown fields: {sorted(set(d) - known) if isinstance(d, dict) else d}")
+    try:
+        return ModelConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint config is not a valid model: {e}") from None
+
+
+def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
+    model = Transformer(cfg)
+    try:
+        taia.check_same_layout(model.state_dict(), state, "the model", "checkpoint")  # exact names and shapes
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model.load_state_dict(state)
+    return model.to(device).eval()
 
 
 def check_tokenizer(sp, cfg: ModelConfig):
     if sp.vocab_size() != cfg.vocab_size:
-        raise DataError(f"tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}: they do not belong together")
-
-
-def check_device(device: str) -> str:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise DataError(f"--device must be cpu or cuda, not {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA GPU is available here")
-    return device
+        raise UserError(f"tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}: they do not belong together")
 
 
 def hf_tokenizer_path(hf_dir: str) -> str:
     path = os.path.join(hf_dir, "tokenizer.model")
     if not os.path.isfile(path):
-        raise DataError(f"{hf_dir} has no tokenizer.model: --init_from needs the sentencepiece tokenizer that "
+        raise UserError(f"{hf_dir} has no tokenizer.model: --init_from needs the sentencepiece tokenizer that "
                         "Llama-2 and TinyLlama ship (a tokenizer.json alone, as Llama-3 ships, is not supported)")
     return path
 
@@ -68,32 +59,42 @@ def hf_tokenizer_path(hf_dir: str) -> str:
 def load_hf_base(hf_dir: str) -> tuple[ModelConfig, dict]:
     """Config and float32 weights of a Hugging Face Llama directory, with errors that name what is missing."""
     if not os.path.isdir(hf_dir):
-        raise DataError(f"--init_from {hf_dir}: no such directory")
+        raise UserError(f"--init_from {hf_dir}: no such directory")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise DataError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+        raise UserError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise DataError(f"{hf_dir} has no model.safetensors (or model.safetensors.index.json): only safetensors "
+        raise UserError(f"{hf_dir} has no model.safetensors (or model.safetensors.index.json): only safetensors "
                         "checkpoints are read")
     hf_tokenizer_path(hf_dir)  # fail before loading gigabytes
     try:
         model = Transformer.from_pretrained(hf_dir)
-    except (ValueError, KeyError, json.JSONDecodeError) as e:  # another architecture, a broken config
-        raise DataError(f"{hf_dir}: {e}") from None
+    except (ValueError, KeyError, json.JSONDecodeError, ImportError) as e:  # another architecture, a broken config
+        raise UserError(f"{hf_dir}: {e}") from None
     return model.cfg, model.state_dict()
 
 
-def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
-    model = Transformer(cfg)
-    taia.check_same_layout(model.state_dict(), state, "the model", "checkpoint")  # exact names and shapes
-    model.load_state_dict(state)
-    return model.to(device).eval()
+def load_base(out_dir: str, init_from: str | None, device="cpu") -> tuple[Transformer, object, str]:
+    """The pretrained model fine-tuning starts from (out_dir/base.pt, or a Hugging Face directory),
+    its tokenizer, and the tokenizer's path."""
+    if init_from:
+        cfg, state = load_hf_base(init_from)
+        tokenizer_path = hf_tokenizer_path(init_from)
+    else:
+        base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
+        cfg, state = config_from_dict(base["config"]), base["model"]
+        tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
+    sp = load_tokenizer(tokenizer_path)
+    check_tokenizer(sp, cfg)
+    return model_from_state(cfg, state, device), sp, tokenizer_path
 
 
-class Weights:
-    """The three files fine-tuning leaves in out_dir: base, tuned, and the FFN snapshot. A fine-tune of a
-    Hugging Face model reads its base from that directory instead of base.pt (init_from: where it is now)."""
+class FinishedRun:
+    """What fine-tuning leaves in out_dir: the tokenizer, the tuned weights, the FFN snapshot, and the
+    base (base.pt, or for a fine-tune of a Hugging Face model that directory; init_from: where it is
+    now, if it moved). Checks that the files belong together, then builds any mode from them."""
 
     def __init__(self, out_dir: str, init_from: str | None = None):
+        self.sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
         tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]), keys=("model", "config", "base_ffn"))
         init_from = init_from or tuned.get("init_from")
         if init_from:
@@ -103,14 +104,15 @@ class Weights:
             base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
         self.snapshot = load_checkpoint(os.path.join(out_dir, FILES["snapshot"]), keys=("ffn",))["ffn"]
         if base["config"] != tuned["config"]:
-            raise DataError(f"{FILES['tuned']} in {out_dir} and its base {init_from or FILES['base']} are different "
+            raise UserError(f"{FILES['tuned']} in {out_dir} and its base {init_from or FILES['base']} are different "
                             "models")
         self.cfg = config_from_dict(base["config"])
+        check_tokenizer(self.sp, self.cfg)
         self.base, self.tuned = base["model"], tuned["model"]
         # The three files must belong together: the snapshot and the fine-tune name the same base FFN.
         base_ffn = {k: v for k, v in self.base.items() if taia.is_ffn(k)}
         if not (taia.fingerprint(self.snapshot) == tuned["base_ffn"] == taia.fingerprint(base_ffn)):
-            raise DataError(f"{out_dir}: {FILES['snapshot']}, {FILES['tuned']} and {init_from or FILES['base']} do "
+            raise UserError(f"{out_dir}: {FILES['snapshot']}, {FILES['tuned']} and {init_from or FILES['base']} do "
                             "not come from one run (the FFN fingerprints differ)")
         self.seed = base.get("seed")
         self.meta = {"pretrain": base.get("pretrain"), "finetune": tuned.get("finetune")}
@@ -120,9 +122,22 @@ class Weights:
     def build(self, mode: str, device="cpu") -> Transformer:
         if mode == "taia":  # the method as deployed: tuned model, original FFN put back
             return taia.rebuild(model_from_state(self.cfg, self.tuned, device), self.snapshot)
-        if mode.startswith("only-"):
-            return model_from_state(self.cfg, taia.mix(self.base, self.tuned, {mode[5:]}), device)
-        return model_from_state(self.cfg, taia.combine(self.base, self.tuned, mode), device)
+        try:
+            tuned_groups = {mode.removeprefix("only-")} if mode.startswith("only-") else taia.tuned_groups(mode)
+            state = taia.mix(self.base, self.tuned, tuned_groups)
+        except ValueError as e:  # an unknown mode; only-embedding on a model whose head is the embedding
+            raise UserError(f"mode {mode}: {e}") from None
+        return model_from_state(self.cfg, state, device)
+
+    def count_correct(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
+        """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set."""
+        counts = {}
+        for mode in modes:
+            model = self.build(mode, device)
+            for name, examples in eval_sets.items():
+                for metric, n in count_correct(model, examples, self.sp, self.template).items():
+                    counts[metric, name, mode] = n
+        return counts
 
 
 def parse_modes(text: str) -> list[str]:
@@ -130,9 +145,11 @@ def parse_modes(text: str) -> list[str]:
     known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS}
     bad = [m for m in modes if m not in known]
     if bad or not modes:
-        raise DataError(f"unknown mode {bad[0] if bad else text!r}: choose from {', '.join(sorted(known))}")
+        raise UserError(f"unknown mode {bad[0] if bad else text!r}: choose from {', '.join(sorted(known))}")
     return modes
 
+
+# ---- scoring ----------------------------------------------------------------------------------------
 
 def word_end_table(sp) -> torch.Tensor:
     """For every piece id: does it end the word before it? (EOS, a piece that starts a new word with
@@ -167,7 +184,7 @@ def count_correct(model: Transformer, examples: list[dict], sp, template: str = 
     exact = answer = 0
     for ids, _ in encoded:
         if len(ids) - 1 > model.cfg.max_seq_len:
-            raise DataError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
+            raise UserError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
     for i in range(0, len(encoded), batch_size):
         inputs, targets = example_batch(encoded[i:i + batch_size], pad_id=sp.eos_id())
         inputs, targets = inputs.to(device), targets.to(device)
@@ -181,19 +198,16 @@ def count_correct(model: Transformer, examples: list[dict], sp, template: str = 
     return {"exact": exact, "answer": answer}
 
 
-def evaluate(weights: Weights, modes: list[str], eval_sets: dict, sp, device="cpu", rank=0, world_size=1) -> dict:
-    """{metric: {set name: {mode: accuracy}}} for both metrics of `score`, every mode, every set. Under
-    torch.distributed each of world_size processes scores every world_size-th example and the counts are summed."""
-    results = {"answer": {name: {} for name in eval_sets}, "exact": {name: {} for name in eval_sets}}
-    for mode in modes:
-        model = weights.build(mode, device)
-        for name, examples in eval_sets.items():
-            counts = count_correct(model, examples[rank::world_size], sp, weights.template)
-            total = torch.tensor([counts["exact"], counts["answer"]], dtype=torch.float64, device=device)
-            if world_size > 1:
-                torch.distributed.all_reduce(total)
-            results["exact"][name][mode], results["answer"][name][mode] = (total / len(examples)).tolist()
+def accuracies(counts: dict, eval_sets: dict) -> dict:
+    """FinishedRun.count_correct's counts as {metric: {set name: {mode: share right}}}, each set's size from eval_sets."""
+    results = {}
+    for (metric, name, mode), n in counts.items():
+        results.setdefault(metric, {}).setdefault(name, {})[mode] = n / len(eval_sets[name])
     return results
+
+
+def evaluate(run: FinishedRun, modes: list[str], eval_sets: dict, device="cpu") -> dict:
+    return accuracies(run.count_correct(modes, eval_sets, device), eval_sets)
 
 
 def format_table(results: dict, modes: list[str], title: str) -> str:
@@ -206,12 +220,30 @@ def format_table(results: dict, modes: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
+def print_results(results: dict, modes: list[str]):
+    print(format_table(results["answer"], modes, "answer match"))
+    print(format_table(results["exact"], modes, "exact match"))
+
+
+def read_eval_sets(paths: list[str]) -> dict:
+    """{name: examples} for JSONL files, each named by its file name without the extension."""
+    sets = {}
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in sets:
+            raise UserError(f"two --eval files are named {name}: rename one, results are reported by file name")
+        sets[name] = read_examples(path)
+    return sets
+
+
+# ---- generating -------------------------------------------------------------------------------------
+
 def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, seed: int = 0, template: str = PLAIN_TEMPLATE) -> str:
     ids = [sp.bos_id()] + sp.encode(apply_template(template, prompt))
     max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
     if max_new_tokens <= 0:
-        raise DataError(f"the prompt ({len(ids)} tokens) leaves no room within max_seq_len {model.cfg.max_seq_len}")
+        raise UserError(f"the prompt ({len(ids)} tokens) leaves no room within max_seq_len {model.cfg.max_seq_len}")
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, sp.eos_id(),
                          torch.Generator(device).manual_seed(seed))
@@ -219,12 +251,7 @@ def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temp
     return sp.decode(new)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (and exit status 2), without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
-
+# ---- the program --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,72 +259,46 @@ def parse_args(argv=None):
                    "ffn_snapshot.pt and tokenizer.model (default: out)")
     p.add_argument("--init_from", metavar="DIR", help="the Hugging Face directory a --init_from fine-tune "
                    "started from, when it has moved since training")
-    p.add_argument("--mode", default="taia", help="the mode to generate with (default: taia)")
-    p.add_argument("--modes", default=None, help="comma-separated modes to evaluate side by side with --eval "
-                   "(default: base,vanilla,taia,taif)")
+    p.add_argument("--modes", "--mode", default="base,vanilla,taia,taif",
+                   help="comma-separated modes: each --prompt is answered by every one, each --eval file scored "
+                        "by every one (default: base,vanilla,taia,taif)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt to continue (wrapped in the fine-tuning "
                    "--template, if any); repeat for several")
     p.add_argument("--eval", action="append", default=[], metavar="FILE.jsonl",
-                   help='print exact-match accuracy on {"prompt", "response"} lines; repeat for several files')
+                   help='print answer-match and exact-match accuracy on {"prompt", "response"} lines; repeat for '
+                        'several files')
     p.add_argument("--json", metavar="FILE", help="also write the --eval results to FILE as JSON")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds sampling when --temperature > 0")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda (default: auto)")
     args = p.parse_args(argv)
     if not args.prompt and not args.eval:
         p.error("give --prompt TEXT or --eval FILE.jsonl")
     if not 0 <= args.temperature < float("inf") or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
         p.error("--temperature must be >= 0, --max_new_tokens and --top_k >= 1")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist")
+    args.device = resolve_device(args.device)
+    args.modes = parse_modes(args.modes)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    modes = parse_modes(args.modes or "base,vanilla,taia,taif")
-    parse_modes(args.mode)
-    check_device(args.device)
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise DataError(f"--json {args.json}: its folder does not exist")
-    sp = load_tokenizer(os.path.join(args.out_dir, FILES["tokenizer"]))
-    weights = Weights(args.out_dir, args.init_from)
-    check_tokenizer(sp, weights.cfg)
+    run = FinishedRun(args.out_dir, args.init_from)
     if args.eval:
-        sets = {os.path.splitext(os.path.basename(f))[0]: read_examples(f) for f in args.eval}
-        results = evaluate(weights, modes, sets, sp, args.device)
-        print(format_table(results["answer"], modes, "answer match"))
-        print(format_table(results["exact"], modes, "exact match"))
+        results = evaluate(run, args.modes, read_eval_sets(args.eval), args.device)
+        print_results(results, args.modes)
         if args.json:
             write_json(args.json, {"results": results})  # {"answer"|"exact": {set: {mode: accuracy}}}
-    if args.prompt:
-        model = weights.build(args.mode, args.device)
+    for mode in args.modes if args.prompt else []:
+        model = run.build(mode, args.device)
         for prompt in args.prompt:
-            print(generate_text(model, sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                                weights.template))
-
-
-def write_json(path: str, obj):
-    """Write to a temporary name, then rename: never a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def run_cli(main_fn):
-    """Bad input of any kind: one line on stderr and exit status 2, never a traceback. Ctrl-C: exit
-    status 130, with train.py's word on what it saved. Under torchrun, ranks other than 0 say who they are."""
-    rank = os.environ.get("RANK", "0")
-    who = "" if rank == "0" else f"[rank {rank}] "
-    try:
-        main_fn()
-    except (DataError, ValueError, OSError) as e:
-        print(f"{who}error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        if not who:
-            print(f"interrupted: {str(e) or 'nothing was saved'}", file=sys.stderr)
-        sys.exit(130)
+            text = generate_text(model, run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                                 run.template)
+            print(text if len(args.modes) == 1 else f"{mode:>8}: {text}")
 
 
 if __name__ == "__main__":

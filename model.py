@@ -1,7 +1,8 @@
 """A compact Llama-style decoder-only transformer.
 
-Read top to bottom: config, RMSNorm, RoPE, Attention, FeedForward, Block, Transformer, KV cache,
-then loading/saving Hugging Face Llama checkpoints. This file knows nothing of training, data or TAIA;
+Read top to bottom: config, RMSNorm, RoPE, KV cache, Attention, FeedForward, Block, Transformer,
+sampling, weight init, the AdamW groups and FLOP count a trainer asks a model for, then reading Hugging
+Face Llama checkpoints and converting back. This file knows nothing of data, training loops or TAIA;
 it only keeps the attention and feed-forward parts of every block as separate, clearly named
 submodules (`blocks.N.attn.*` and `blocks.N.ffn.*`), because TAIA is about exactly that split.
 """
@@ -45,7 +46,8 @@ class ModelConfig:
 PRESETS = {
     # ~1.1M parameters: small enough to pretrain on a laptop CPU in minutes.
     "toy": ModelConfig(dim=128, n_layers=4, n_heads=4, vocab_size=512, hidden_dim=512),
-    # GPT-2-small-sized Llama (~124M with a 32k vocabulary), for GPU throughput checks.
+    # GPT-2-small's shape as a Llama, for GPU throughput checks: 134M parameters with a 32k vocabulary
+    # (GPT-2's 124M ties the embedding and the head; this untied head adds 25M).
     "124m": ModelConfig(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048,
                         max_seq_len=1024),
     "tinyllama-1.1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000,
@@ -192,12 +194,6 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.lm_head(self.norm(x)).float()
 
-    def param_groups(self, weight_decay: float):
-        """AdamW groups: decay the 2-D weights (matrices, embeddings); never norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
     @torch.inference_mode()
     def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  eos_id: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
@@ -227,12 +223,9 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32):
-        """Load a Hugging Face Llama directory (config.json + model.safetensors or sharded safetensors)."""
+        """Load a Hugging Face Llama directory (config.json + model.safetensors or sharded safetensors).
+        The way back is to_hf() below (common.save_hf writes it to a directory)."""
         return load_hf_llama(path, dtype)
-
-    def save_pretrained(self, path: str):
-        """Write config.json + model.safetensors that transformers.LlamaForCausalLM loads."""
-        save_hf_llama(self, path)
 
 
 def sample(logits, temperature: float, top_k: int | None, generator=None):
@@ -258,6 +251,26 @@ def init_weights(model: Transformer):
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * model.cfg.n_layers))
         else:
             nn.init.normal_(p, 0.0, std)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups for any model: decay the 2-D weights (matrices, embeddings), never norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_trained: int | None = None) -> int:
+    """Training FLOPs per token, counted as in the PaLM paper (Chowdhery et al. 2022, appendix B) and
+    nanoGPT's estimate_mfu: every weight of a matmul costs 2 FLOPs forward and 2 for the gradient of its
+    input, and 2 more for its own gradient when it trains (`n_trained` of them; default all); attention
+    scores and their weighted sum add 12 * n_layers * dim * seq_len (the full square, as PaLM counts,
+    though half of it is masked). The embedding is a lookup, not a matmul; the output head counts."""
+    attention = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)  # q, o and k, v
+    ffn = 3 * cfg.dim * cfg.hidden_dim  # gate, up, down
+    n_matmul = cfg.n_layers * (attention + ffn) + cfg.dim * cfg.vocab_size
+    n_trained = n_matmul if n_trained is None else n_trained
+    return 4 * n_matmul + 2 * n_trained + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 # ---- Hugging Face Llama checkpoints --------------------------------------------------------------
@@ -297,13 +310,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def load_hf_llama(path: str, dtype=torch.float32) -> Transformer:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise ImportError("reading Hugging Face checkpoints needs the safetensors package: "
                           "pip install safetensors") from None
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f))
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -330,10 +343,9 @@ def load_hf_llama(path: str, dtype=torch.float32) -> Transformer:
     return model
 
 
-def save_hf_llama(model: Transformer, path: str):
-    from safetensors.torch import save_file
+def to_hf(model: Transformer) -> tuple[dict, dict]:
+    """The config.json dict and the state dict (HF names) that transformers.LlamaForCausalLM loads."""
     cfg = model.cfg
-    os.makedirs(path, exist_ok=True)
     hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
                  "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
                  "num_key_value_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size,
@@ -343,9 +355,4 @@ def save_hf_llama(model: Transformer, path: str):
     state = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         del state["lm_head.weight"]  # safetensors stores no shared tensors; HF re-ties on load
-    # Write under temporary names and rename, so an interrupted save never leaves a half-written file.
-    save_file(state, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json.tmp"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    return hf_config, state

@@ -5,8 +5,9 @@ feed-forward (FFN) weights back. The paper finds the attention updates carry wha
 downstream task, while the FFN updates overwrite knowledge the pretrained model stored there.
 
 Everything here is a function over parameter names and tensors: it works on any `nn.Module` or state
-dict whose names say which block part a tensor is in. To port it, adapt `group_of` (and the two name
-tuples it uses) to your model's names; nothing else depends on naming.
+dict whose names say which block part a tensor is in. To port it to a model whose names differ, adapt
+the four name tuples below (the FFN and attention modules' names, and their matrices' names) and, if
+needed, the rules in `group_of` for norms, embeddings and the head; nothing else depends on naming.
 
 Full fine-tuning:             LoRA on every linear layer of the blocks:
     base = snapshot(model)        add_lora(model, rank=16, alpha=32)   # paper default
@@ -19,8 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Names as ours ('blocks.3.ffn.up_proj.weight') and Hugging Face Llama's ('model.layers.3.mlp.up_proj.weight') spell them.
+FFN_MODULES = ("ffn", "mlp")
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = ("attn", "self_attn")
+ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
 GROUPS = ("attention", "ffn", "norm", "embedding", "head")
 
 
@@ -29,14 +33,14 @@ def is_ffn(name: str) -> bool:
     e.g. 'blocks.3.ffn.up_proj.weight' (ours) or 'model.layers.3.mlp.up_proj.weight' (Hugging Face).
     Only the weight matrices: LoRA adapters ('...up_proj.lora_A') and norms are not the FFN."""
     parts = name.split(".")
-    return ("ffn" in parts or "mlp" in parts) and len(parts) >= 2 and parts[-2] in FFN_MATRICES \
+    return any(m in parts for m in FFN_MODULES) and len(parts) >= 2 and parts[-2] in FFN_MATRICES \
         and parts[-1] == "weight"
 
 
 def is_attention(name: str) -> bool:
     """The q/k/v/o matrices of every block ('blocks.3.attn.q_proj.weight', '...self_attn.q_proj.weight')."""
     parts = name.split(".")
-    return ("attn" in parts or "self_attn" in parts) and len(parts) >= 2 and parts[-2] in ATTENTION_MATRICES \
+    return any(m in parts for m in ATTENTION_MODULES) and len(parts) >= 2 and parts[-2] in ATTENTION_MATRICES \
         and parts[-1] == "weight"
 
 
@@ -56,21 +60,26 @@ def group_of(name: str) -> str:
     raise ValueError(f"taia: cannot tell which group parameter {name!r} belongs to; adapt group_of()")
 
 
-# Which groups each mode takes from the fine-tuned model (the rest come from the base model).
-# Norms, embeddings and the output head follow `others`: "tuned" (default) keeps their fine-tuned
-# values, as the authors' code does (it reverts only the FFN matrices); "base" reverts them too.
-MODE_TUNED = {"base": set(), "vanilla": set(GROUPS), "taia": {"attention"}, "taif": {"ffn"}}
+# Which groups each mode takes from the fine-tuned model; every other group comes from the base model.
+# As in the authors' code, TAIA and TAIF revert only one part of the blocks (the FFN, or the attention)
+# and keep the fine-tuned norms, embeddings and output head; `others="base"` reverts those three too.
+OTHERS = {"norm", "embedding", "head"}
+MODE_TUNED = {"base": set(),
+              "vanilla": {"attention", "ffn"} | OTHERS,
+              "taia": {"attention"} | OTHERS,
+              "taif": {"ffn"} | OTHERS}
 MODES = tuple(MODE_TUNED)
 
 
 def tuned_groups(mode: str, others: str = "tuned") -> set:
+    """MODE_TUNED[mode]; with others="base", TAIA and TAIF take norms, embeddings and head from the base."""
     if mode not in MODE_TUNED:
         raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     if others not in ("tuned", "base"):
         raise ValueError(f"others must be 'tuned' or 'base', not {others!r}")
     keep = set(MODE_TUNED[mode])
-    if others == "tuned" and mode in ("taia", "taif"):
-        keep |= {"norm", "embedding", "head"}
+    if others == "base" and mode in ("taia", "taif"):
+        keep -= OTHERS
     return keep
 
 
@@ -187,8 +196,9 @@ def merge_lora(model: nn.Module, mode: str = "vanilla") -> dict:
         for name, tensor in model.state_dict().items():
             if name.endswith((".lora_A", ".lora_B")):
                 continue
-            if name.endswith(".weight") and isinstance(lora := model.get_submodule(name[:-7]), LoRALinear) \
-                    and group_of(name) in keep:
-                tensor = tensor + lora.delta().to(tensor.dtype)
+            owner_name, _, leaf = name.rpartition(".")  # 'blocks.0.attn.q_proj', 'weight'
+            owner = model.get_submodule(owner_name)
+            if leaf == "weight" and isinstance(owner, LoRALinear) and group_of(name) in keep:
+                tensor = tensor + owner.delta().to(tensor.dtype)
             state[name] = tensor
     return state

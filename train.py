@@ -1,65 +1,41 @@
-"""Pretrain a small Llama-style model on a toy world (or start from a real Llama checkpoint), fine-tune it,
-and compare TAIA with its rivals.
+"""Pretrain a small Llama-style model on a toy world (or start from a real Llama checkpoint), fine-tune
+every parameter, and compare TAIA (tuned attention, original FFN) with the base and vanilla models.
 
-The default run does every stage on a CPU in minutes:
-    python train.py                       # data -> tokenizer -> pretrain -> snapshot -> fine-tune -> eval
-    python train.py --seeds 5             # the same for seeds 0..4, then mean +/- std over seeds
-    python train.py --stage finetune --lora_rank 16     # reuse out/base.pt, fine-tune with LoRA
-    python train.py --train_scope attn    # TOA (train only attention); ffn gives TOF
-    python train.py --finetune_set id     # the in-distribution control
-A real Llama-family checkpoint (a Hugging Face directory with config.json, safetensors, tokenizer.model):
-    python train.py --init_from TinyLlama-1.1B --finetune mine.jsonl --eval test.jsonl --lora_rank 16 \\
-        --finetune_lr 2e-4 --finetune_batch 16 --micro_batch 4 --device cuda --dtype bfloat16
+    python train.py                                                # CPU: the toy world end to end, minutes
+    python train.py --device cuda --dtype bfloat16 --compile       # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --device cuda    # 8 GPUs (2 CPU processes: drop --device)
 
-Launching:
-    CPU, one process:          python train.py ...
-    CPU, 2 processes (gloo):   torchrun --standalone --nproc_per_node=2 train.py ...
-    one GPU:                   python train.py --device cuda --dtype bfloat16 --compile ...
-    one node, 8 GPUs (NCCL):   torchrun --standalone --nproc_per_node=8 train.py --device cuda ...
-    2 nodes, 8 GPUs each:      torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
-                                   --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --device cuda ...
-Under torchrun every process builds the same global batch and takes its own share of it, so a run gives
-the same result (within float rounding) on any number of processes; only rank 0 writes files and prints.
-
-Stages (--stage, default all): data (write the toy world to OUT/data), pretrain (tokenizer + base
-model -> OUT/base.pt; skipped with --init_from), finetune (OUT/ffn_snapshot.pt, OUT/finetuned.pt), eval
-(OUT/results.json). Each stage alone reuses what the previous one left in --out_dir.
-Your own data: --pretrain_text FILE.txt (one document per line), --finetune FILE.jsonl and
---eval FILE.jsonl ({"prompt", "response"} per line; repeat --eval for several sets).
-
-Interrupted runs: training saves OUT/<stage>_state.pt every --save_interval steps and on Ctrl-C (or
-SIGTERM); the same command with --resume continues from it and ends exactly where an uninterrupted run
-would (on CPU, bit for bit).
+Stages (--stage, default all): data (the toy world -> OUT/data), pretrain (tokenizer + base model ->
+OUT/base.pt), finetune (OUT/ffn_snapshot.pt, OUT/finetuned.pt), eval (OUT/results.json). TAIA itself
+is three lines of stage_finetune: snapshot the FFN before training, train, keep the FFN snapshot for
+inference. More recipes (your own data, LoRA, real checkpoints, several nodes, --resume): README.md.
 """
 import argparse
 import json
-import math
 import os
 import shutil
-import signal
 import statistics
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import taia
-from data.text import (PLAIN_TEMPLATE, DataError, check_template, encode_example, example_batch, load_tokenizer,
-                       random_windows, read_examples, read_lines, token_stream, train_tokenizer)
+from common import FILES, OneLineParser, UserError, atomic_write, resolve_device, run_cli, save_checkpoint, write_json
+from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, encode_example, load_tokenizer,
+                       read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
-from infer import (FILES, OneLineParser, Weights, check_device, check_tokenizer, config_from_dict, evaluate,
-                   format_table, hf_tokenizer_path, load_checkpoint, load_hf_base, model_from_state, parse_modes,
-                   run_cli, write_json)
-from model import PRESETS, ModelConfig, Transformer
+from infer import FinishedRun, accuracies, load_base, parse_modes, print_results, read_eval_sets
+from machinery import (DTYPES, Progress, StopRequest, TrainingState, agree, barrier, check_finite, close_distributed,
+                       cosine_lr, gradient_sync, init_distributed, is_main, log, mixed_precision, my_micro_batches,
+                       process_name, set_lr, state_path, sum_over_processes, wrap_for_training)
+from model import PRESETS, ModelConfig, Transformer, param_groups
 
 TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+# ---- arguments ------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,12 +93,7 @@ def parse_args(argv=None):
     a("--log_interval", type=int, default=100)
     a("--peak_tflops", type=float, help="the GPU's peak TFLOP/s for MFU (default: looked up by device name)")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        check_device(args.device)
-    except DataError as e:
-        p.error(str(e))
+    args.device = resolve_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.dtype == "float16" and not args.device.startswith("cuda"):
@@ -138,305 +109,226 @@ def parse_args(argv=None):
     if args.lora_rank and args.train_scope != "all":
         p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
     args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
-    try:
-        check_template(args.template)
-    except DataError as e:
-        p.error(f"--template: {e}")
+    check_template(args.template)
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
 
 
-# ---- several processes (torchrun) ---------------------------------------------------------------
-
-def init_distributed(args):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU."""
-    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.world_size > 1:
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-
-
-def is_main(args) -> bool:
-    return args.rank == 0
+def check_inputs(args):
+    """Everything a run will read that is the user's own, read now rather than after minutes of training."""
+    if not args.init_from:
+        model_config(args, args.vocab_size)  # a size that cannot make a model
+    parse_modes(args.modes)
+    if args.finetune:
+        read_examples(args.finetune)
+    read_eval_sets(args.eval)
+    if args.pretrain_text and args.stage in ("all", "pretrain"):
+        read_lines(args.pretrain_text)
 
 
-def barrier(args):
-    if args.world_size > 1:
-        dist.barrier()
+# ---- main: every stage, for one seed or several ----------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_inputs(args)
+    init_distributed(args)
+    try:
+        if args.seeds == 1:
+            run(args, args.out_dir, args.seed)
+        else:
+            reports = []
+            for seed in range(args.seed, args.seed + args.seeds):
+                log(args, f"=== seed {seed} ===")
+                reports.append(run(args, os.path.join(args.out_dir, f"seed_{seed}"), seed))
+            if all(reports) and is_main(args):
+                summary = summarise(reports)
+                print(summary)
+                write_json(os.path.join(args.out_dir, "summary.json"), {"reports": reports, "summary": summary})
+        barrier(args)  # leave together: a process that tears down gloo while rank 0 still writes aborts
+    finally:
+        close_distributed(args)
 
 
-def log(args, *text):
+def run(args, out_dir: str, seed: int) -> dict | None:
+    """The stages --stage asks for, in order; returns the eval report when eval ran."""
+    started = time.time()
     if is_main(args):
-        tqdm.write(" ".join(map(str, text)))
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out_dir {out_dir}: {e.strerror}") from None
+    barrier(args)
+    if args.stage in ("all", "data", "pretrain"):
+        stage_data(args, out_dir, seed)  # skipped when the files are already there
+    if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain"):
+        stage_pretrain(args, out_dir, seed)
+    if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune"):
+        stage_finetune(args, out_dir, seed)
+    if args.stage in ("all", "eval"):
+        return stage_eval(args, out_dir, started)
+    return None
 
 
-# ---- batches: the same global batch on every process; each process takes its share ----------------
+# ---- the stages -------------------------------------------------------------------------------------
 
-class WindowBatches:
-    """Pretraining: random windows of the packed token stream."""
+def stage_finetune(args, out_dir: str, seed: int):
+    model, sp, tokenizer_path = load_base(out_dir, args.init_from, args.device)
+    examples = read_examples(args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set])
+    encoded = [encode_example(e, sp, args.template) for e in examples]
+    too_long = [len(ids) for ids, _ in encoded if len(ids) - 1 > model.cfg.max_seq_len]
+    if too_long:
+        raise UserError(f"{len(too_long)} fine-tuning examples exceed max_seq_len {model.cfg.max_seq_len}")
 
-    def __init__(self, stream: torch.Tensor, n_windows: int, seq_len: int, seed: int):
-        self.stream, self.n_windows, self.seq_len = stream, n_windows, seq_len
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self):
-        return random_windows(self.stream, self.n_windows, self.seq_len, self.generator)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict):
-        self.generator.set_state(state["generator"])
-
-
-class ExampleBatches:
-    """Fine-tuning: shuffled epochs of examples, padded to the longest in the batch (targets -100 on
-    padding and prompts)."""
-
-    def __init__(self, encoded: list, batch_size: int, pad_id: int, seed: int):
-        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = []  # example indices still to come in this epoch
-
-    def next(self):
-        while len(self.order) < self.batch_size:
-            self.order += torch.randperm(len(self.encoded), generator=self.generator).tolist()
-        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return example_batch([self.encoded[i] for i in batch], pad_id=self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": list(self.order)}
-
-    def load_state_dict(self, state: dict):
-        self.generator.set_state(state["generator"])
-        self.order = list(state["order"])
-
-
-def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: int) -> list:
-    """Split a global batch into micro-batches of at most micro_batch rows, the same number for every
-    process, and return this process's; trailing columns with nothing to predict are cut off."""
-    n_chunks = world_size * math.ceil(math.ceil(len(inputs) / micro_batch) / world_size)
-    if len(inputs) < n_chunks:  # a process would get an empty micro-batch, and DDP's gradient sync would fail
-        raise DataError(f"a batch of {len(inputs)} sequences does not fill {n_chunks} micro-batches over {world_size} "
-                        "processes: raise --finetune_batch / --batch_tokens or --micro_batch")
-    chunks = list(zip(inputs.tensor_split(n_chunks), targets.tensor_split(n_chunks)))[rank::world_size]
-    mine = []
-    for x, y in chunks:
-        predicted = (y != -100).any(0).nonzero()
-        width = int(predicted[-1]) + 1 if len(predicted) else 1
-        mine.append((x[:, :width], y[:, :width]))
-    return mine
+    # TAIA, step 1: before any update, keep the original FFN weights. That is all it needs later.
+    original_ffn = taia.snapshot(model)
+    # Step 2: fine-tune as usual: every parameter (or LoRA on every linear layer, or a scope for TOA/TOF).
+    torch.manual_seed(seed + 2)  # LoRA's initial adapters and dropout draw from their own seed
+    if args.lora_rank:
+        taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    else:
+        scope = {"all": set(taia.GROUPS), "attn": {"attention"}, "ffn": {"ffn"}}[args.train_scope]
+        if args.freeze_embeddings:
+            scope -= {"embedding", "head"}
+        for name, p in model.named_parameters():
+            p.requires_grad_(taia.group_of(name) in scope)
+    settings = finetune_settings(args)
+    base_ffn = taia.fingerprint(original_ffn)  # names the base this fine-tune starts from
+    batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)  # the batch order's own seed
+    train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
+               resume_key(settings, seed=seed, base_ffn=base_ffn))
+    # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
+    # put back by taia.rebuild. Under LoRA, save the fully merged weights: every mode derives from base +
+    # tuned, and for LoRA combine(base, merged, "taia") equals merging only the attention adapters.
+    tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
+    if is_main(args):
+        save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
+        save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
+                        {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": asdict(model.cfg),
+                         "base_ffn": base_ffn, "finetune": settings, "init_from": settings["init_from"]})
+        if args.init_from:  # infer.py finds every file it needs in out_dir; the base stays in DIR
+            with atomic_write(os.path.join(out_dir, FILES["tokenizer"])) as tmp:
+                shutil.copyfile(tokenizer_path, tmp)
+    finish_stage(args, out_dir, "finetune")
 
 
-# ---- checkpoints that a stopped run continues from -------------------------------------------------
-
-def save_checkpoint(path: str, obj: dict):
-    """torch.save to a temporary name, then rename: an interrupted save leaves the old file intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def rng_states() -> dict:
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict):
-    torch.set_rng_state(states["cpu"])
-    if torch.cuda.is_available() and len(states.get("cuda", [])) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped on request after saving a resumable checkpoint (exit status 130)."""
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM while training: finish the current step, save, exit. A second Ctrl-C
-    stops at once, without saving."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
-              "without saving)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def stage_pretrain(args, out_dir: str, seed: int):
+    lines = read_lines(args.pretrain_text or toy_paths(out_dir)["pretrain"])
+    # The tokenizer goes under a new name and replaces the old one only beside the new base.pt.
+    tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
+    resuming = args.resume and os.path.exists(state_path(out_dir, "pretrain"))
+    if is_main(args) and not (resuming and os.path.exists(tokenizer_path + ".new")):
+        train_tokenizer(lines, tokenizer_path + ".new", args.vocab_size)
+    barrier(args)
+    sp = load_tokenizer(tokenizer_path + ".new")
+    stream = token_stream(lines, sp)
+    if len(stream) <= args.seq_len + 1:
+        if is_main(args):
+            os.remove(tokenizer_path + ".new")
+        raise UserError(f"pretraining text has {len(stream)} tokens: fewer than one window of {args.seq_len}")
+    torch.manual_seed(seed)
+    cfg = model_config(args, sp.vocab_size())
+    model = Transformer(cfg).to(args.device)
+    log(args, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
+    batches = WindowBatches(stream, max(1, args.batch_tokens // args.seq_len), args.seq_len, seed)
+    settings = {k: getattr(args, k) for k in PRETRAIN_KEYS}
+    train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain", out_dir,
+               resume_key(settings, seed=seed, config=asdict(cfg)))
+    if is_main(args):
+        save_checkpoint(os.path.join(out_dir, FILES["base"]),
+                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings})
+        os.replace(tokenizer_path + ".new", tokenizer_path)
+    finish_stage(args, out_dir, "pretrain")
 
 
-# ---- throughput -----------------------------------------------------------------------------------
-
-# Dense bf16/fp16 tensor-core peak TFLOP/s from the vendors' datasheets; the first name contained in
-# torch.cuda.get_device_name() wins. --peak_tflops overrides.
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
-               ("L40S", 362), ("L4", 121), ("A10", 125), ("RTX 4090", 165), ("V100", 125), ("T4", 65)]
-
-
-def peak_flops(args) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if not args.device.startswith("cuda") or args.dtype == "float32":
-        return None
-    name = torch.cuda.get_device_name(args.device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+def stage_data(args, out_dir: str, seed: int):
+    """Write the toy world, unless every input is the user's own or the same seed's world is there."""
+    if args.finetune and args.eval and (args.pretrain_text or args.init_from):
+        return
+    paths = toy_paths(out_dir)
+    data_dir = os.path.dirname(paths["pretrain"])
+    stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
+    if is_main(args) and not toy_world_is_there(paths, stamp, seed):
+        generate_toy_world(data_dir, seed=seed)
+        write_json(stamp, {"seed": seed})
+        print(f"toy world (seed {seed}) written to {data_dir}")
+    barrier(args)  # every process, always: the others wait for rank 0's files
 
 
-def train_flops_per_token(model: Transformer, seq_len: int) -> float:
-    """Matmul FLOPs per trained token: 2N forward and 2N for activation gradients over all N matmul weights,
-    2N more for the trained ones' weight gradients, and causal-free attention scores 12 * layers * dim * T
-    (PaLM, Chowdhery et al. 2022, appendix B)."""
-    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, taia.LoRALinear))]
-    n_all = sum(m.weight.numel() for m in linears)
-    n_trained = sum(m.weight.numel() for m in linears if m.weight.requires_grad)
-    return 4 * n_all + 2 * n_trained + 12 * model.cfg.n_layers * model.cfg.dim * seq_len
+def stage_eval(args, out_dir: str, started: float) -> dict:
+    run = FinishedRun(out_dir, args.init_from)
+    modes = parse_modes(args.modes)
+    sets = read_eval_sets(args.eval or [toy_paths(out_dir)[name] for name in TOY_EVAL_SETS])
+    # Each process scores its share of every set; the counts are summed over processes.
+    mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}
+    results = accuracies(sum_over_processes(run.count_correct(modes, mine, args.device), args), sets)
+    report = {"results": results["answer"], "exact_match": results["exact"], "seed": run.seed,
+              "seconds": round(time.time() - started, 1), "config": {"model": asdict(run.cfg), **run.meta}}
+    if is_main(args):
+        print_results(results, modes)
+        write_json(os.path.join(out_dir, FILES["results"]), report)
+    return report
 
 
-# ---- the training loop, shared by pretraining and fine-tuning ------------------------------------
+# ---- the training loop, shared by pretraining and fine-tuning ----------------------------------------
 
-def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # decays to 10% of peak
-
-
-def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay: float, args, desc: str,
-               state_path: str, run_key: dict):
+def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay: float, args, stage: str,
+               out_dir: str, run_key: dict):
     """AdamW, warmup + cosine, gradient clipping at 1.0. Every step takes one global batch from `batches`;
     this process runs its share in micro-batches, and the loss is the sum over the batch's target tokens
     divided by their number, so any split over micro-batches and processes gives the same gradient.
     `run_key` names what a resumed run must share with the stopped one."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.95))
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    dtype = DTYPES[args.dtype]
-    autocast = torch.autocast(device_type, dtype) if dtype != torch.float32 else nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # float16 only
-    trained = torch.compile(model) if args.compile else model  # `model` stays the raw module we save
-    if args.world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(trained)
-    start, saved_at, save_due = 0, None, False
-    if args.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path, keys=("model", "optimizer", "scaler", "step", "data", "rng", "run"))
-        if state["run"] != run_key:
-            differ = sorted(k for k in run_key if state["run"].get(k) != run_key[k])
-            raise DataError(f"{state_path} was saved by a run with other settings ({', '.join(differ)}); "
-                            "resume with the same settings, or delete it to start over")
-        taia.check_same_layout(model.state_dict(), state["model"], "the model", state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when the stopped run did not use float16
-            scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["data"])
-        set_rng_states(state["rng"])
-        start = saved_at = state["step"]
-        log(args, f"{desc}: resuming from {state_path} at step {start}/{steps}")
-    elif os.path.exists(state_path):
-        log(args, f"{desc}: starting over; {state_path} is from a stopped run (--resume continues it)")
-
-    def position() -> dict:  # where the batches and random numbers stand
-        return {"data": batches.state_dict(), "rng": rng_states()}
-
-    def save_state(step: int, at: dict):
-        if is_main(args):
-            save_checkpoint(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "scaler": scaler.state_dict(), "step": step, **at, "run": run_key})
-        barrier(args)
-
-    peak = peak_flops(args)
-    flops_per_token = None
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    autocast, scaler = mixed_precision(args)
+    trained = wrap_for_training(model, args)  # compiled and/or DDP; `model` stays the raw module we save
+    state = TrainingState(out_dir, stage, run_key, model, optimizer, scaler, batches, args)
+    progress = Progress(model, args, stage, state.resume(steps), steps)
     model.train()
-    t0, tokens, losses = time.time(), 0, []
-    bar = tqdm(range(start, steps), desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main(args) else True)
     with StopRequest() as stop:
-        for step in bar:
-            step_lr = cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            before = position() if save_due else None
+        for step in progress:
+            step_lr = set_lr(optimizer, cosine_lr(step, steps, lr, warmup=max(1, steps // 20)))
+            state.before_batch()
             inputs, targets = batches.next()
             n_targets = int((targets != -100).sum())
             mine = my_micro_batches(inputs, targets, args.micro_batch, args.rank, args.world_size)
-            if flops_per_token is None:
-                flops_per_token = train_flops_per_token(model, inputs.shape[1])
-            step_loss = 0.0
+            loss = 0.0
             for i, (x, y) in enumerate(mine):
                 x, y = x.to(args.device), y.to(args.device)
-                # DDP averages gradients over processes, hence the * world_size; it syncs on the last micro-batch.
-                last = i == len(mine) - 1
-                with trained.no_sync() if args.world_size > 1 and not last else nullcontext():
+                with gradient_sync(trained, args, last=i == len(mine) - 1):
                     with autocast:
                         logits = trained(x)
-                        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
-                                               reduction="sum") / n_targets * args.world_size
-                    scaler.scale(loss).backward()
-                step_loss += loss.item()
-            # One all-reduce carries the loss and whether any process was asked to stop.
-            shared = torch.tensor([step_loss / args.world_size, float(stop.requested)], dtype=torch.float64,
-                                  device=args.device)
-            if args.world_size > 1:
-                dist.all_reduce(shared)
-            step_loss, stop_now = shared[0].item(), shared[1].item() > 0
+                        # DDP averages gradients over processes: * world_size makes it their sum.
+                        micro_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
+                                                     ignore_index=-100, reduction="sum") / n_targets * args.world_size
+                    scaler.scale(micro_loss).backward()
+                loss += micro_loss.item()
+            loss, stop_now = agree(loss, stop, args)  # the batch's loss; did any process get Ctrl-C?
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            # Stop before a non-finite update reaches the weights (under float16 the scaler skips such steps).
-            if not math.isfinite(step_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
-                kept = f"{state_path} (step {saved_at}) is the last good checkpoint" if saved_at else \
-                    "no checkpoint was saved yet"
-                what = f"the loss became {step_loss}" if not math.isfinite(step_loss) else "the gradient became inf/nan"
-                raise DataError(f"{desc}: {what} at step {step + 1}; stopped. {kept}; lower the learning rate "
-                                "(--resume may change it)")
-            if save_due:  # a checkpoint is written once the next step's loss shows its weights are good
-                save_state(step, before)
-                saved_at, save_due = step, False
+            check_finite(loss, grad_norm, scaler, step, state)  # stop before a nan reaches the weights
+            state.save_if_due(step)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            tokens += inputs.numel()
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-            done = step + 1
-            if done % args.log_interval == 0 or done == steps:
-                elapsed = time.time() - t0
-                line = (f"{desc} step {done}/{steps} loss {sum(losses) / len(losses):.4f} lr {step_lr:.2e} "
-                        f"grad_norm {float(grad_norm):.3f} {1000 * elapsed / len(losses):.0f} ms/step "
-                        f"{tokens / elapsed:.0f} tok/s")
-                if peak:
-                    line += f" MFU {100 * flops_per_token * tokens / elapsed / (peak * args.world_size):.1f}%"
-                log(args, line)
-                t0, tokens, losses = time.time(), 0, []
-            save_due = bool(args.save_interval) and done % args.save_interval == 0 and done < steps
+            progress.step_done(step + 1, loss, step_lr, grad_norm, inputs)
+            state.after_update(step + 1, steps)
             if stop_now:
-                save_state(done, position())
-                raise Interrupted(f"{desc}: stopped at step {done}/{steps}; saved {state_path}. Run the same "
-                                  "command with --resume to continue")
+                state.stop(step + 1, steps)
     model.eval()
 
 
-# ---- stages -------------------------------------------------------------------------------------
+# ---- what the stages share -----------------------------------------------------------------------
 
-def state_path(out_dir: str, stage: str) -> str:
-    return os.path.join(out_dir, f"{stage}_state.pt")
-
-
-def finish_stage(args, out_dir: str, stage: str):
-    """The stage's outputs are on disk: its resumable state is no longer needed."""
-    if is_main(args) and os.path.exists(state_path(out_dir, stage)):
-        os.remove(state_path(out_dir, stage))
-    barrier(args)
+def model_config(args, vocab_size: int) -> ModelConfig:
+    cfg = asdict(PRESETS[args.preset])
+    cfg.update({k: getattr(args, k) for k in ("dim", "n_layers", "hidden_dim") if getattr(args, k) is not None})
+    cfg["vocab_size"] = vocab_size
+    cfg["max_seq_len"] = max(cfg["max_seq_len"], args.seq_len)
+    try:
+        return ModelConfig(**cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def toy_paths(out_dir: str) -> dict:
@@ -453,26 +345,17 @@ def toy_world_is_there(paths: dict, stamp: str, seed: int) -> bool:
         return json.load(f).get("seed") == seed
 
 
-def stage_data(args, out_dir: str, seed: int):
-    needs_toy_text = not (args.pretrain_text or args.init_from)
-    if not (needs_toy_text or not args.finetune or not args.eval):
-        return  # every input is the user's own
-    paths = toy_paths(out_dir)
-    data_dir = os.path.dirname(paths["pretrain"])
-    stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
-    if is_main(args) and not toy_world_is_there(paths, stamp, seed):
-        generate_toy_world(data_dir, seed=seed)
-        write_json(stamp, {"seed": seed})
-        print(f"toy world (seed {seed}) written to {data_dir}")
-    barrier(args)  # every process, always: the others wait for rank 0's files
+PRETRAIN_KEYS = ("pretrain_text", "pretrain_steps", "pretrain_lr", "batch_tokens", "seq_len", "weight_decay",
+                 "vocab_size")
+FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "template", "finetune_steps", "finetune_lr",
+                 "finetune_batch", "train_scope", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_dropout")
 
 
-def model_config(args, vocab_size: int) -> ModelConfig:
-    cfg = asdict(PRESETS[args.preset])
-    cfg.update({k: getattr(args, k) for k in ("dim", "n_layers", "hidden_dim") if getattr(args, k) is not None})
-    cfg["vocab_size"] = vocab_size
-    cfg["max_seq_len"] = max(cfg["max_seq_len"], args.seq_len)
-    return ModelConfig(**cfg)
+def finetune_settings(args) -> dict:
+    settings = {k: getattr(args, k) for k in FINETUNE_KEYS}
+    if settings["init_from"]:
+        settings["init_from"] = os.path.abspath(args.init_from)
+    return settings
 
 
 def resume_key(settings: dict, **more) -> dict:
@@ -481,148 +364,20 @@ def resume_key(settings: dict, **more) -> dict:
     return {**{k: v for k, v in settings.items() if not k.endswith("_lr")}, **more}
 
 
-PRETRAIN_KEYS = ("pretrain_text", "pretrain_steps", "pretrain_lr", "batch_tokens", "seq_len", "weight_decay",
-                 "vocab_size")
-
-
-def stage_pretrain(args, out_dir: str, seed: int):
-    model_config(args, args.vocab_size)  # a bad size fails here, before anything is written
-    lines = read_lines(args.pretrain_text or toy_paths(out_dir)["pretrain"])
-    # The tokenizer goes under a new name and replaces the old one only beside the new base.pt.
-    tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
-    resuming = args.resume and os.path.exists(state_path(out_dir, "pretrain"))
-    if is_main(args) and not (resuming and os.path.exists(tokenizer_path + ".new")):
-        train_tokenizer(lines, tokenizer_path + ".new", args.vocab_size)
-    barrier(args)
-    sp = load_tokenizer(tokenizer_path + ".new")
-    stream = token_stream(lines, sp)
-    if len(stream) <= args.seq_len + 1:
-        if is_main(args):
-            os.remove(tokenizer_path + ".new")
-        raise DataError(f"pretraining text has {len(stream)} tokens: fewer than one window of {args.seq_len}")
-    torch.manual_seed(seed)
-    cfg = model_config(args, sp.vocab_size())
-    model = Transformer(cfg).to(args.device)
-    log(args, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
-    n_windows = max(1, args.batch_tokens // args.seq_len)
-    settings = {k: getattr(args, k) for k in PRETRAIN_KEYS}
-    train_loop(model, WindowBatches(stream, n_windows, args.seq_len, seed), args.pretrain_steps, args.pretrain_lr,
-               args.weight_decay, args, "pretrain", state_path(out_dir, "pretrain"),
-               resume_key(settings, seed=seed, config=asdict(cfg)))
-    if is_main(args):
-        save_checkpoint(os.path.join(out_dir, FILES["base"]),
-                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings})
-        os.replace(tokenizer_path + ".new", tokenizer_path)
-    finish_stage(args, out_dir, "pretrain")
-
-
-def finetune_examples(args, out_dir: str):
-    return read_examples(args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set])
-
-
-FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "template", "finetune_steps", "finetune_lr",
-                 "finetune_batch", "train_scope", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_dropout")
-
-
-def load_base(args, out_dir: str):
-    """The pretrained model fine-tuning starts from, and its tokenizer's path."""
-    if args.init_from:
-        cfg, state = load_hf_base(args.init_from)
-        return cfg, state, hf_tokenizer_path(args.init_from)
-    base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
-    return config_from_dict(base["config"]), base["model"], os.path.join(out_dir, FILES["tokenizer"])
-
-
-def stage_finetune(args, out_dir: str, seed: int):
-    cfg, base_state, tokenizer_path = load_base(args, out_dir)
-    model = model_from_state(cfg, base_state, args.device)
-    del base_state
-    sp = load_tokenizer(tokenizer_path)
-    check_tokenizer(sp, cfg)
-    encoded = [encode_example(e, sp, args.template) for e in finetune_examples(args, out_dir)]
-    too_long = [len(ids) for ids, _ in encoded if len(ids) - 1 > cfg.max_seq_len]
-    if too_long:
-        raise DataError(f"{len(too_long)} fine-tuning examples exceed max_seq_len {cfg.max_seq_len}")
-    # Snapshot before any update: this is all TAIA needs to rebuild the model afterwards.
-    original_ffn = taia.snapshot(model)
-    torch.manual_seed(seed + 2)  # LoRA's initial adapters and its dropout
-    if args.lora_rank:
-        taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:
-        scope = {"all": set(taia.GROUPS), "attn": {"attention"}, "ffn": {"ffn"}}[args.train_scope]
-        if args.freeze_embeddings:
-            scope -= {"embedding", "head"}
-        for name, p in model.named_parameters():
-            p.requires_grad_(taia.group_of(name) in scope)
-    settings = {k: getattr(args, k) for k in FINETUNE_KEYS}
-    if settings["init_from"]:
-        settings["init_from"] = os.path.abspath(args.init_from)
-    base_ffn = taia.fingerprint(original_ffn)  # which base this fine-tune starts from
-    batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)
-    train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune",
-               state_path(out_dir, "finetune"), resume_key(settings, seed=seed, base_ffn=base_ffn))
-    # Under LoRA, save the fully merged weights: infer.py derives every mode from base + tuned, and for
-    # LoRA combine(base, merged, "taia") equals merging only the attention adapters (tests/test_taia.py).
-    tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
-    if is_main(args):
-        save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
-        save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
-                        {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": asdict(cfg),
-                         "base_ffn": base_ffn, "finetune": settings, "init_from": settings["init_from"]})
-        if args.init_from:  # infer.py finds every file it needs in out_dir; the base stays in DIR
-            shutil.copyfile(tokenizer_path, os.path.join(out_dir, FILES["tokenizer"]) + ".tmp")
-            os.replace(os.path.join(out_dir, FILES["tokenizer"]) + ".tmp", os.path.join(out_dir, FILES["tokenizer"]))
-    finish_stage(args, out_dir, "finetune")
-
-
-def eval_sets(args, out_dir: str) -> dict:
-    if args.eval:
-        return {os.path.splitext(os.path.basename(f))[0]: read_examples(f) for f in args.eval}
-    paths = toy_paths(out_dir)
-    return {name: read_examples(paths[name]) for name in TOY_EVAL_SETS}
-
-
-def stage_eval(args, out_dir: str, started: float) -> dict:
-    sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
-    weights = Weights(out_dir, args.init_from)
-    check_tokenizer(sp, weights.cfg)
-    modes = parse_modes(args.modes)
-    # Each process scores its share of every set; the counts are summed over processes.
-    results = evaluate(weights, modes, eval_sets(args, out_dir), sp, args.device, args.rank, args.world_size)
-    report = {"results": results["answer"], "exact_match": results["exact"], "seed": weights.seed,
-              "seconds": round(time.time() - started, 1), "config": {"model": asdict(weights.cfg), **weights.meta}}
-    if is_main(args):
-        print(format_table(results["answer"], modes, "answer match"))
-        print(format_table(results["exact"], modes, "exact match"))
-        write_json(os.path.join(out_dir, "results.json"), report)
-    return report
-
-
-def finished(args, out_dir: str, stage: str, output: str) -> bool:
+def finished(args, out_dir: str, stage: str) -> bool:
     """With --resume, a training stage whose output is there and that left no state is done already."""
-    path = os.path.join(out_dir, output)
+    path = os.path.join(out_dir, FILES["base" if stage == "pretrain" else "tuned"])
     if args.resume and os.path.exists(path) and not os.path.exists(state_path(out_dir, stage)):
         log(args, f"{stage}: finished already ({path}); skipped")
         return True
     return False
 
 
-def run(args, out_dir: str, seed: int) -> dict | None:
-    """The stages --stage asks for, in order; returns the eval report when eval ran."""
-    started = time.time()
-    if is_main(args):
-        os.makedirs(out_dir, exist_ok=True)
+def finish_stage(args, out_dir: str, stage: str):
+    """The stage's outputs are on disk: its resumable state is no longer needed."""
+    if is_main(args) and os.path.exists(state_path(out_dir, stage)):
+        os.remove(state_path(out_dir, stage))
     barrier(args)
-    if args.stage in ("all", "data", "pretrain"):
-        stage_data(args, out_dir, seed)  # skipped when the files are already there
-    if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain",
-                                                                                  FILES["base"]):
-        stage_pretrain(args, out_dir, seed)
-    if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune", FILES["tuned"]):
-        stage_finetune(args, out_dir, seed)
-    if args.stage in ("all", "eval"):
-        return stage_eval(args, out_dir, started)
-    return None
 
 
 def summarise(reports: list[dict]) -> str:
@@ -643,27 +398,5 @@ def summarise(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    init_distributed(args)
-    try:
-        if args.seeds == 1:
-            run(args, args.out_dir, args.seed)
-            barrier(args)
-            return
-        reports = []
-        for seed in range(args.seed, args.seed + args.seeds):
-            log(args, f"=== seed {seed} ===")
-            reports.append(run(args, os.path.join(args.out_dir, f"seed_{seed}"), seed))
-        if all(reports) and is_main(args):
-            summary = summarise(reports)
-            print(summary)
-            write_json(os.path.join(args.out_dir, "summary.json"), {"reports": reports, "summary": summary})
-        barrier(args)  # leave together: a process that tears down gloo while rank 0 still writes aborts
-    finally:
-        if args.world_size > 1:
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, who=process_name())

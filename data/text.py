@@ -1,4 +1,5 @@
-"""From files to token tensors: the sentencepiece tokenizer, JSONL examples, batches.
+"""From files to token tensors: the sentencepiece tokenizer, JSONL examples, batches and the two
+batch samplers train.py draws from.
 
 Formats (the toy world writes these; a user's own data takes the same form):
 - pretraining text: a plain UTF-8 file, one document per line;
@@ -14,9 +15,7 @@ import os
 import sentencepiece as spm
 import torch
 
-
-class DataError(ValueError):
-    """Bad input data: the programs print the message on one line and exit with status 2."""
+from common import UserError, write_text
 
 
 def read_lines(path: str) -> list[str]:
@@ -24,9 +23,9 @@ def read_lines(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+        raise UserError(f"cannot read {path}: {e}") from None
     if not lines:
-        raise DataError(f"{path} holds no text")
+        raise UserError(f"{path} holds no text")
     return lines
 
 
@@ -36,7 +35,7 @@ def read_examples(path: str) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -44,18 +43,18 @@ def read_examples(path: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if isinstance(row, dict) and "instruction" in row and "output" in row:  # Alpaca
             if not all(isinstance(row.get(k, ""), str) for k in ("instruction", "input", "output")):
-                raise DataError(f'{path}:{number}: "instruction", "input" and "output" must be strings')
+                raise UserError(f'{path}:{number}: "instruction", "input" and "output" must be strings')
             prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
             row = {"prompt": prompt, "response": row["output"]}
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
                 and isinstance(row.get("response"), str)):
-            raise DataError(f'{path}:{number}: expected an object with string "prompt" and "response"')
+            raise UserError(f'{path}:{number}: expected an object with string "prompt" and "response"')
         examples.append({"prompt": row["prompt"], "response": row["response"]})
     if not examples:
-        raise DataError(f"{path} holds no examples")
+        raise UserError(f"{path} holds no examples")
     return examples
 
 
@@ -69,20 +68,17 @@ def train_tokenizer(lines: list[str], path: str, vocab_size: int):
             hard_vocab_limit=False, bos_id=1, eos_id=2, pad_id=-1, unk_id=0, minloglevel=2,
             num_threads=1)  # one thread: the same corpus gives the same tokenizer every time
     except RuntimeError as e:  # e.g. a vocabulary too small for the text's characters
-        raise DataError(f"cannot train the tokenizer: {str(e).splitlines()[0]}") from None
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+        raise UserError(f"cannot train the tokenizer: {str(e).splitlines()[0]}") from None
+    write_text(path, buffer.getvalue(), mode="wb")
 
 
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
-        raise DataError(f"tokenizer not found: {path}")
+        raise UserError(f"tokenizer not found: {path}")
     try:
         return spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as e:
-        raise DataError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
 
 
 def token_stream(lines: list[str], sp) -> torch.Tensor:
@@ -105,7 +101,7 @@ PLAIN_TEMPLATE = "{prompt}"
 
 def check_template(template: str) -> str:
     if template.count("{prompt}") != 1:
-        raise DataError(f"the template must contain {{prompt}} exactly once: {template!r}")
+        raise UserError(f"the template must contain {{prompt}} exactly once: {template!r}")
     return template
 
 
@@ -132,3 +128,45 @@ def example_batch(encoded: list[tuple[list[int], int]], pad_id: int):
         # target[t] is the token after input[t]; the first response token is predicted at start - 1.
         targets[row, start - 1:len(ids) - 1] = ids[start:]
     return inputs, targets
+
+
+# ---- samplers: the same global batch on every process (each takes its own share of it) -------------
+
+class WindowBatches:
+    """Pretraining: random windows of the packed token stream."""
+
+    def __init__(self, stream: torch.Tensor, n_windows: int, seq_len: int, seed: int):
+        self.stream, self.n_windows, self.seq_len = stream, n_windows, seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        return random_windows(self.stream, self.n_windows, self.seq_len, self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.generator.set_state(state["generator"])
+
+
+class ExampleBatches:
+    """Fine-tuning: shuffled epochs of examples, padded to the longest in the batch (targets -100 on
+    padding and prompts)."""
+
+    def __init__(self, encoded: list, batch_size: int, pad_id: int, seed: int):
+        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = []  # example indices still to come in this epoch
+
+    def next(self):
+        while len(self.order) < self.batch_size:
+            self.order += torch.randperm(len(self.encoded), generator=self.generator).tolist()
+        batch, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return example_batch([self.encoded[i] for i in batch], pad_id=self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict):
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])

@@ -21,6 +21,8 @@ import json
 import os
 import random
 
+from common import write_text
+
 SYLLABLES = ["ka", "lo", "mi", "ru", "te", "vo", "sa", "ne", "di", "po", "gu", "fe", "ba", "zi", "ho", "ly",
              "qua", "re", "to", "wi"]
 
@@ -100,16 +102,9 @@ def generate(out_dir: str, seed: int = 0, **world):
     rng.shuffle(sets["finetune_id"])
     os.makedirs(out_dir, exist_ok=True)
     paths = {"pretrain": os.path.join(out_dir, "pretrain.txt")}
-    write_atomic(paths["pretrain"], "".join(line + "\n" for line in lines))
+    write_text(paths["pretrain"], "".join(line + "\n" for line in lines))
     for name, rows in sets.items():
         paths[name] = os.path.join(out_dir, name + ".jsonl")
-        write_atomic(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
+        write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     return paths
 
-
-def write_atomic(path: str, text: str):
-    """Write to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import bench
+from tools import bench
 
 TINY = ["--dim", "32", "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2", "--hidden_dim", "48",
         "--vocab_size", "40", "--batch", "2", "--seq_len", "12", "--prompt_len", "16", "--new_tokens", "6",

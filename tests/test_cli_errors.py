@@ -1,22 +1,12 @@
 """Bad input through the real programs: one line on stderr, exit status 2, no traceback, no files left."""
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--dim", "32", "--n_layers", "1", "--hidden_dim", "64", "--pretrain_steps", "2", "--finetune_steps", "2",
-        "--batch_tokens", "256", "--micro_batch", "8", "--seq_len", "32"]
+from helpers import ROOT, TINY, assert_one_line_error, run, write
 
-
-def run(program, *args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / program), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env=env)
+TINY = [*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +15,6 @@ def trained(tmp_path_factory):
     result = run("train.py", "--out_dir", out, *TINY, cwd=out.parent)
     assert result.returncode == 0, result.stderr
     return out
-
-
-def assert_one_line_error(result, expected: str):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
 
 
 def test_infer_rejects_bad_input(trained, tmp_path):
@@ -129,6 +107,12 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--peak_tflops", "0"], "--peak_tflops"),
         (["--init_from", tmp_path, "--stage", "pretrain"], "replaces pretraining"),
         (["--init_from", tmp_path / "nowhere", "--finetune", good_jsonl, "--eval", good_jsonl], "no such directory"),
+        # Inputs that later stages read are checked before pretraining starts.
+        (["--modes", "base,nope"], "unknown mode"),
+        (["--eval", tmp_path / "missing.jsonl"], "cannot read"),
+        (["--finetune", write(tmp_path / "ft.jsonl", "{oops\n")], "ft.jsonl:1: not valid JSON"),
+        (["--eval", good_jsonl, "--eval", write(tmp_path / "other" / "good.jsonl", good_jsonl.read_text())],
+         "two --eval files are named good"),
     ]
     for args, expected in cases:
         assert_one_line_error(run("train.py", "--out_dir", out, *TINY, *args, cwd=tmp_path), expected)
@@ -141,3 +125,28 @@ def test_train_reports_malformed_finetune_data_and_keeps_earlier_files(trained, 
     result = run("train.py", "--out_dir", trained, *TINY, "--stage", "finetune", "--finetune", bad, cwd=tmp_path)
     assert_one_line_error(result, "ft.jsonl:2:")
     assert {f: (trained / f).read_bytes() for f in before} == before
+
+
+def test_a_bug_of_ours_is_a_traceback_and_exit_1_not_a_one_line_error(trained, tmp_path):
+    """A ValueError raised by our own code (here planted inside the training loop, and inside infer.py's
+    scoring) is not the user's mistake: it keeps its traceback and exits with status 1."""
+    script = write(tmp_path / "planted_bug.py", f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import infer, train
+from common import run_cli
+
+def planted(*args, **kwargs):
+    raise ValueError("a planted bug")
+
+train.cosine_lr = infer.count_correct = planted
+program, *argv = sys.argv[1:]
+run_cli(lambda: (train if program == "train" else infer).main(argv))
+""")
+    cases = [["train", "--out_dir", tmp_path / "out", *TINY, "--stage", "pretrain"],
+             ["infer", "--out_dir", trained, "--eval", trained / "data/ood_test.jsonl"]]
+    for args in cases:
+        result = run(str(script), *args, cwd=tmp_path)
+        assert result.returncode == 1, (args[0], result.returncode, result.stderr)
+        assert "Traceback" in result.stderr and "ValueError: a planted bug" in result.stderr, result.stderr
+        assert "error: a planted bug" not in result.stderr

@@ -1,28 +1,20 @@
 """train.py --init_from on a Hugging Face Llama directory, as people point it at Llama-2 or TinyLlama:
 here a tiny random LlamaForCausalLM with a sentencepiece tokenizer.model trained in the test."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from data.text import load_tokenizer, train_tokenizer
-from infer import Weights, generate_text
+from helpers import assert_one_line_error, needs_transformers, run, transformers
+from infer import FinishedRun, generate_text
 from model import hf_to_ours
 
-transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = needs_transformers  # every test here builds its checkpoint with transformers
 TEXT = ["the river city of Alder sits on the Kell", "Alder trades salt and copper with the hill towns",
         "the hill towns of Brena speak an old tongue", "copper from Brena goes down the Kell to Alder"]
-
-
-def run(program, *args):
-    return subprocess.run([sys.executable, str(ROOT / program), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -79,10 +71,9 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "infer.json").read_text())["results"]["answer"] == report["results"]
     # infer.py wraps a prompt in the fine-tuning template, as training did.
-    weights = Weights(str(out))
-    sp = load_tokenizer(str(out / "tokenizer.model"))
-    expected = generate_text(weights.build("taia"), sp, "Where does salt go?", 32, template="Q: {prompt}\nA:")
-    assert weights.template == "Q: {prompt}\nA:" and expected + "\n" in result.stdout
+    finished = FinishedRun(str(out))
+    expected = generate_text(finished.build("taia"), finished.sp, "Where does salt go?", 32, template="Q: {prompt}\nA:")
+    assert finished.template == "Q: {prompt}\nA:" and f"taia: {expected}\n" in result.stdout
 
     # The directory moved: infer.py says so, and --init_from points at its new place.
     moved = Path(shutil.copytree(llama_dir, tmp_path / "moved"))
@@ -101,8 +92,7 @@ def test_a_directory_that_is_not_a_llama_with_a_tokenizer_gets_a_one_line_error(
     damage(broken)
     result = run("train.py", "--init_from", broken, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
                  "--eval", data["eval"], "--finetune_steps", "1")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+    assert_one_line_error(result, expected)
     assert not (tmp_path / "out" / "finetuned.pt").exists()
 
 
@@ -111,4 +101,4 @@ def test_a_vocabulary_mismatch_between_tokenizer_and_checkpoint_is_refused(llama
     train_tokenizer(TEXT * 20, str(other / "tokenizer.model"), vocab_size=300)
     result = run("train.py", "--init_from", other, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
                  "--eval", data["eval"])
-    assert result.returncode == 2 and "do not belong together" in result.stderr
+    assert_one_line_error(result, "do not belong together")

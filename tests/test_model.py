@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, Transformer, apply_rope, hf_to_ours, ours_to_hf
-
-transformers = pytest.importorskip("transformers")
+from common import save_hf
+from helpers import needs_transformers, transformers
+from model import KVCache, ModelConfig, Transformer, apply_rope, flops_per_token, hf_to_ours, ours_to_hf, param_groups
 
 
 def tiny_hf(tie: bool, seed: int = 0):
@@ -23,6 +23,7 @@ def tiny_hf(tie: bool, seed: int = 0):
     return hf
 
 
+@needs_transformers
 @pytest.mark.parametrize("tie", [False, True])
 def test_from_pretrained_matches_hf_logits_and_greedy_tokens(tmp_path, tie):
     hf = tiny_hf(tie)
@@ -38,12 +39,13 @@ def test_from_pretrained_matches_hf_logits_and_greedy_tokens(tmp_path, tie):
     assert torch.equal(ours.generate(prompt, max_new_tokens=12), expected)
 
 
+@needs_transformers
 @pytest.mark.parametrize("tie", [False, True])
-def test_save_pretrained_loads_in_transformers(tmp_path, tie):
+def test_save_hf_loads_in_transformers(tmp_path, tie):
     torch.manual_seed(2)
     ours = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=77, hidden_dim=96,
                                    max_seq_len=32, tie_embeddings=tie)).eval()
-    ours.save_pretrained(str(tmp_path))
+    save_hf(ours, str(tmp_path))
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
     tokens = torch.randint(0, 77, (2, 15))
     with torch.no_grad():
@@ -51,6 +53,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, tie):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@needs_transformers
 def test_sharded_checkpoint_loads(tmp_path):
     hf = tiny_hf(tie=False)
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -150,7 +153,17 @@ def test_generate_refuses_overlong_sequences():
 
 def test_weight_decay_groups_split_matrices_from_norms():
     model = small_model()
-    decay, no_decay = model.param_groups(0.1)
+    decay, no_decay = param_groups(model, 0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_flops_per_token_counts_every_matmul_weight_of_the_model():
+    """The formula counts weights from the config; check it against the modules themselves."""
+    model = small_model()
+    cfg, seq_len = model.cfg, 48
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention_scores = 12 * cfg.n_layers * cfg.dim * seq_len
+    assert flops_per_token(cfg, seq_len) == 6 * matmul + attention_scores
+    assert flops_per_token(cfg, seq_len, n_trained=0) == 4 * matmul + attention_scores

@@ -1,19 +1,17 @@
 """The toy pipeline: data generation, tokenizer, exact match, and a tiny end-to-end run of the real CLI."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from data.text import (DataError, check_template, encode_example, example_batch, load_tokenizer, read_examples,
-                       read_lines, train_tokenizer)
+from common import UserError
+from data.text import (check_template, encode_example, example_batch, load_tokenizer, read_examples, read_lines,
+                       train_tokenizer)
 from data.toy_world import generate
+from helpers import TINY, run
 from infer import score
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_toy_world_is_deterministic_for_a_seed_and_differs_across_seeds(tmp_path):
@@ -84,7 +82,7 @@ def test_a_template_wraps_the_prompt_and_moves_where_the_response_starts(tokeniz
     ids, start = encode_example(example, sp, "Instruction: {prompt} Response:")
     assert ids == [sp.bos_id()] + sp.encode("Instruction: city for Kalo? Response:") + sp.encode("Varn") + [sp.eos_id()]
     assert ids[start:] == plain[plain_start:] and start > plain_start
-    with pytest.raises(DataError, match="exactly once"):
+    with pytest.raises(UserError, match="exactly once"):
         check_template("{prompt} and {prompt}")
 
 
@@ -112,24 +110,18 @@ def test_exact_match_on_hand_made_cases(tokenizer):
 def test_read_examples_reports_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         read_examples(str(path))
     path.write_text('{"prompt": "a", "answer": "b"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: expected"):
+    with pytest.raises(UserError, match=r"bad.jsonl:1: expected"):
         read_examples(str(path))
     path.write_text('{"instruction": "Add", "input": "1 1", "output": "2"}\n')
     assert read_examples(str(path)) == [{"prompt": "Add\n1 1", "response": "2"}]
 
 
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 def test_tiny_end_to_end_run_writes_every_file(tmp_path):
     out = tmp_path / "out"
-    tiny = ["--dim", "32", "--n_layers", "1", "--hidden_dim", "64", "--pretrain_steps", "3", "--finetune_steps",
-            "2", "--batch_tokens", "512", "--micro_batch", "8", "--seq_len", "32", "--log_interval", "1"]
-    result = run_cli(str(ROOT / "train.py"), "--out_dir", str(out), *tiny, cwd=tmp_path)
+    result = run("train.py", "--out_dir", out, *TINY, "--pretrain_steps", "3", "--finetune_steps", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for name in ("base.pt", "finetuned.pt", "ffn_snapshot.pt", "tokenizer.model", "results.json",
                  "data/pretrain.txt", "data/finetune_ood.jsonl", "data/ood_test.jsonl"):
@@ -144,12 +136,14 @@ def test_tiny_end_to_end_run_writes_every_file(tmp_path):
     assert "pretrain step 3/3" in result.stdout + result.stderr
 
     # infer.py rebuilds a mode from those files and evaluates several side by side.
-    result = run_cli(str(ROOT / "infer.py"), "--out_dir", str(out), "--modes", "base,taia",
-                     "--eval", str(out / "data/knowledge.jsonl"), "--prompt", "Instruction: city for Kalo? Response:",
-                     "--json", str(tmp_path / "infer.json"), cwd=tmp_path)
+    result = run("infer.py", "--out_dir", out, "--modes", "base,taia", "--eval", out / "data/knowledge.jsonl",
+                 "--prompt", "Instruction: city for Kalo? Response:", "--json", tmp_path / "infer.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "infer.json").read_text())["results"]["answer"]["knowledge"]["taia"] == \
         report["results"]["knowledge"]["taia"]
+    # With several modes, the prompt is answered by each, one line per mode.
+    answers = [line.split(":")[0].strip() for line in result.stdout.splitlines() if line.startswith("    ")]
+    assert answers == ["base", "taia"], result.stdout
 
 
 def test_summary_over_seeds_gives_mean_std_and_paired_difference():

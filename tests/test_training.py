@@ -2,7 +2,6 @@
 leave files that load, --resume ends exactly where an uninterrupted run ends, and 2 gloo processes give
 the single-process result."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,22 +12,17 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from train import my_micro_batches
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--dim", "32", "--n_layers", "1", "--hidden_dim", "64", "--batch_tokens", "512", "--micro_batch", "8",
-        "--seq_len", "32", "--finetune_batch", "8", "--log_interval", "1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from helpers import TINY, TORCHRUN_2, run
+from helpers import start as start_program
+from machinery import my_micro_batches
 
 
 def train(*args, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    return run("train.py", *args, launcher=launcher)
 
 
 def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    return start_program("train.py", *args)
 
 
 def wait_for(proc: subprocess.Popen, text: str):
@@ -164,11 +158,10 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
     # The same global batches (16 windows, 8 fine-tuning examples) in micro-batches of 2, on 1 and 2 processes.
-    run = [*TINY, "--micro_batch", "2", "--pretrain_steps", "4", "--finetune_steps", "3", "--modes", "base,taia"]
-    single = train("--out_dir", tmp_path / "one", *run)
+    flags = [*TINY, "--micro_batch", "2", "--pretrain_steps", "4", "--finetune_steps", "3", "--modes", "base,taia"]
+    single = train("--out_dir", tmp_path / "one", *flags)
     assert single.returncode == 0, single.stderr
-    double = train("--out_dir", tmp_path / "two", *run,
-                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    double = train("--out_dir", tmp_path / "two", *flags, launcher=TORCHRUN_2)
     assert double.returncode == 0, double.stderr
     for name in ("base.pt", "finetuned.pt"):
         assert_same_weights(weights(tmp_path / "two" / name), weights(tmp_path / "one" / name), atol=1e-5)

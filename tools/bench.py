@@ -1,8 +1,9 @@
 """How fast is model.py, next to Hugging Face's LlamaForCausalLM, and what do TAIA's own steps cost?
 
-    python bench.py                          # tiny Llama (the toy preset), CPU, and CUDA if present
-    python bench.py --dim 512 --n_layers 4 --hidden_dim 2048 --seq_len 256   # matmuls dominate
-    python bench.py --json bench.json        # also write every figure as JSON
+    python tools/bench.py                    # tiny Llama (the toy preset), on the GPU if there is one
+    python tools/bench.py --device all       # CPU, and CUDA if present
+    python tools/bench.py --dim 512 --n_layers 4 --hidden_dim 2048 --seq_len 256   # matmuls dominate
+    python tools/bench.py --json bench.json  # also write every figure as JSON
 
 Three measurements, each on the same weights for every contender:
   1. a training step (forward, cross-entropy, backward, AdamW): tokens/s, ours against Hugging Face,
@@ -18,9 +19,10 @@ transformers is only a development dependency: without it the Hugging Face colum
 "not installed" and everything else still runs.
 """
 import argparse
-import json
 import math
+import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -28,20 +30,16 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-import taia
-from model import ModelConfig, Transformer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import taia  # noqa: E402
+from common import OneLineParser, run_cli, save_hf, write_json  # noqa: E402
+from model import ModelConfig, Transformer, flops_per_token, param_groups  # noqa: E402
 
 MIN_SAMPLE_S = 0.02  # a timed sample shorter than this is mostly timer and scheduler noise
 NOT_INSTALLED = "not installed"
 
 
 # ---- command line ---------------------------------------------------------------------------------
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, not argparse's usage dump (which wraps over many lines with this many flags).
-        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
-
 
 def positive_int(text: str) -> int:
     try:
@@ -59,7 +57,7 @@ def batch_list(text: str) -> list[int]:
 
 def parse_args(argv=None):
     toy = ModelConfig()  # the defaults are the toy preset's sizes
-    p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dim", type=positive_int, default=toy.dim, help=f"width of the residual stream (default {toy.dim})")
     a("--n_layers", type=positive_int, default=toy.n_layers, help=f"blocks (default {toy.n_layers})")
@@ -78,8 +76,8 @@ def parse_args(argv=None):
     a("--gemm_size", type=positive_int,
       help="n for the n x n x n fp32 matmul that measures this machine's rate (default 2048 on CPU, 8192 on CUDA)")
     a("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice, one per core)")
-    a("--device", default="all", choices=["all", "cpu", "cuda"],
-      help="where to run: all = CPU, and CUDA if present (default all)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "all"],
+      help="where to run: auto = CUDA if present, else CPU (default); all = CPU, and CUDA if present")
     a("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = p.parse_args(argv)
     try:
@@ -90,7 +88,9 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
-    args.devices = ["cpu"] * (args.device != "cuda") + ["cuda"] * (args.device != "cpu" and torch.cuda.is_available())
+    gpu = torch.cuda.is_available()
+    args.devices = {"auto": ["cuda" if gpu else "cpu"], "cpu": ["cpu"], "cuda": ["cuda"],
+                    "all": ["cpu"] + ["cuda"] * gpu}[args.device]
     return args
 
 
@@ -143,23 +143,20 @@ def import_transformers():
 
 def models(cfg: ModelConfig, device: str, transformers, seed: int = 0):
     """Ours with a fresh random initialisation, and LlamaForCausalLM holding exactly the same weights
-    (None without transformers). The weights go through save_pretrained, as a user's would."""
+    (None without transformers). The weights go through a Hugging Face directory, as a user's would."""
     torch.manual_seed(seed)
     ours = Transformer(cfg).to(device)
     if transformers is None:
         return ours, None
     with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(tmp)
+        save_hf(ours, tmp)
         hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
     return ours, hf
 
 
 def adamw(model):
     """The optimizer train.py uses (decay the matrices, not the norms), built the same way for both models."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=1e-4, betas=(0.9, 0.95))
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
 
 
 def training_step(forward, loss_of, optimizer):
@@ -168,17 +165,6 @@ def training_step(forward, loss_of, optimizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token, as in the PaLM paper's appendix B and nanoGPT: 6 per weight of every
-    matmul (2 forward, 4 backward), plus 12 * n_layers * dim * seq_len for the attention scores and
-    their weighted sum (counted over the full square, as PaLM does, though half of it is masked).
-    The embedding is a lookup, not a matmul, so it does not count; the output head does."""
-    attention = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)  # q, o and k, v
-    ffn = 3 * cfg.dim * cfg.hidden_dim  # gate, up, down
-    matmul_weights = cfg.n_layers * (attention + ffn) + cfg.dim * cfg.vocab_size
-    return 6 * matmul_weights + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 # ---- 1. training step ---------------------------------------------------------------------------------
@@ -371,10 +357,9 @@ def main(argv=None) -> dict:
                                       "taia": bench_taia(args, device)}
     print(report(results, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,0 +1,116 @@
+"""Plumbing that train.py and infer.py both need, kept out of their way: the user-error type, writes
+that never leave a half-written file, checkpoints (ours and Hugging Face's), the names of a run's files,
+and the command-line runner. Imports nothing from the programs.
+"""
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+
+
+class UserError(Exception):
+    """The user's mistake: a bad flag, a missing or malformed file, checkpoints that do not belong
+    together. The programs print it on one line and exit with status 2. Anything else that goes wrong
+    is our bug and ends in a normal traceback."""
+
+
+# What a run leaves in its out_dir (train.py writes them, infer.py reads them).
+FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.pt", "tokenizer": "tokenizer.model",
+         "results": "results.json"}
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+@contextmanager
+def atomic_write(path: str):
+    """Yields a temporary name to write to; once the body has finished, the file is renamed to `path`.
+    A crash or a kill at any moment leaves either the old file or the new one, never half of one; a
+    failed write (full disk, read-only folder) removes the temporary file and becomes a UserError."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str, mode: str = "w"):
+    with atomic_write(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def save_checkpoint(path: str, obj: dict):
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str, keys=("model", "config")) -> dict:
+    """A dict holding at least `keys`. weights_only=True: a file can never run code when loaded."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated file, a pickle that would run code, not a checkpoint at all
+        raise UserError(f"cannot load {path}: not a checkpoint of plain tensors (refused or corrupt)") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise UserError(f"{path} is not a checkpoint of this project (expected the keys {', '.join(keys)})")
+    return ckpt
+
+
+def save_hf(model, path: str):
+    """Write a model.Transformer as a Hugging Face Llama directory (config.json + model.safetensors)
+    that transformers.LlamaForCausalLM and Transformer.from_pretrained load."""
+    from safetensors.torch import save_file
+    from model import to_hf
+    hf_config, state = to_hf(model)
+    os.makedirs(path, exist_ok=True)
+    with atomic_write(os.path.join(path, "model.safetensors")) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    write_json(os.path.join(path, "config.json"), hf_config)
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes cuda when a GPU is there, else cpu; anything else must name a usable device."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here")
+    return device
+
+
+def run_cli(main, who: str = ""):
+    """Run a program's main(): a UserError is one line on stderr and exit status 2; Ctrl-C is exit
+    status 130 with the program's word on what it saved; any other exception is a bug and keeps its
+    traceback. `who` prefixes the messages (under torchrun, which process speaks); only the process
+    with no prefix reports an interruption, so a job stopped with Ctrl-C says it once."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{who}error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        if not who:
+            print(f"interrupted: {str(e) or 'nothing was saved'}", file=sys.stderr)
+        sys.exit(130)
+

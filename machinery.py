@@ -1,0 +1,305 @@
+"""The machinery under train.py's training loop, each piece called from the loop in one line: several
+processes (torchrun, DDP), mixed precision, resumable checkpoints, Ctrl-C, the non-finite guard, and the
+log line with throughput and MFU. Read train.py first; come here for how one of these works.
+"""
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import taia
+from common import UserError, load_checkpoint, save_checkpoint
+from model import flops_per_token
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- several processes (torchrun) ---------------------------------------------------------------
+
+def init_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU."""
+    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world_size > 1:
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
+def close_distributed(args):
+    if args.world_size > 1:
+        dist.destroy_process_group()
+
+
+def process_name() -> str:
+    """How a process other than rank 0 signs its messages under torchrun ('' for rank 0 or no torchrun)."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"[rank {rank}] "
+
+
+def is_main(args) -> bool:
+    return args.rank == 0
+
+
+def barrier(args):
+    if args.world_size > 1:
+        dist.barrier()
+
+
+def log(args, *text):
+    if is_main(args):
+        tqdm.write(" ".join(map(str, text)))
+
+
+def sum_over_processes(counts: dict, args) -> dict:
+    """{key: number} summed over every process (unchanged on one process)."""
+    if args.world_size == 1:
+        return counts
+    keys = sorted(counts)
+    total = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=args.device)
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist()))
+
+
+def wrap_for_training(model, args):
+    """The module the loop calls: compiled and/or DDP-wrapped. The raw `model` is what gets saved, so
+    checkpoints never carry `_orig_mod.` or `module.` prefixes."""
+    trained = torch.compile(model) if args.compile else model
+    return torch.nn.parallel.DistributedDataParallel(trained) if args.world_size > 1 else trained
+
+
+def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: int) -> list:
+    """Split a global batch into micro-batches of at most micro_batch rows, the same number for every
+    process, and return this process's; trailing columns with nothing to predict are cut off."""
+    n_chunks = world_size * math.ceil(math.ceil(len(inputs) / micro_batch) / world_size)
+    if len(inputs) < n_chunks:  # a process would get an empty micro-batch, and DDP's gradient sync would fail
+        raise UserError(f"a batch of {len(inputs)} sequences does not fill {n_chunks} micro-batches over {world_size} "
+                        "processes: raise --finetune_batch / --batch_tokens or --micro_batch")
+    chunks = list(zip(inputs.tensor_split(n_chunks), targets.tensor_split(n_chunks)))[rank::world_size]
+    mine = []
+    for x, y in chunks:
+        predicted = (y != -100).any(0).nonzero()
+        width = int(predicted[-1]) + 1 if len(predicted) else 1
+        mine.append((x[:, :width], y[:, :width]))
+    return mine
+
+
+def gradient_sync(trained, args, last: bool):
+    """DDP all-reduces gradients on every backward; accumulate locally until the last micro-batch."""
+    return trained.no_sync() if args.world_size > 1 and not last else nullcontext()
+
+
+# ---- precision and the learning rate ---------------------------------------------------------------
+
+def mixed_precision(args):
+    """(autocast context, gradient scaler): autocast to --dtype (weights stay float32); the scaler works
+    only under float16, whose narrow range needs it."""
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    dtype = DTYPES[args.dtype]
+    autocast = torch.autocast(device_type, dtype) if dtype != torch.float32 else nullcontext()
+    return autocast, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+
+def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # decays to 10% of peak
+
+
+def set_lr(optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# ---- stopping: Ctrl-C, and losses that are no longer numbers ------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request after saving a resumable checkpoint (exit status 130)."""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the current step, save, exit. A second Ctrl-C
+    stops at once, without saving."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
+              "without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def agree(loss: float, stop: StopRequest, args) -> tuple[float, bool]:
+    """One all-reduce carries this process's share of the loss and whether any process was asked to
+    stop: every process gets the batch's loss, and they all stop at the same step."""
+    shared = torch.tensor([loss / args.world_size, float(stop.requested)], dtype=torch.float64, device=args.device)
+    if args.world_size > 1:
+        dist.all_reduce(shared)
+    return shared[0].item(), shared[1].item() > 0
+
+
+def check_finite(loss: float, grad_norm, scaler, step: int, state: "TrainingState"):
+    """Stop before a non-finite update reaches the weights (under float16 the scaler skips such steps)."""
+    if math.isfinite(loss) and (scaler.is_enabled() or torch.isfinite(grad_norm)):
+        return
+    kept = f"{state.path} (step {state.saved_at}) is the last good checkpoint" if state.saved_at else \
+        "no checkpoint was saved yet"
+    what = f"the loss became {loss}" if not math.isfinite(loss) else "the gradient became inf/nan"
+    raise UserError(f"{state.stage}: {what} at step {step + 1}; stopped. {kept}; lower the learning rate "
+                    "(--resume may change it)")
+
+
+# ---- resumable checkpoints ---------------------------------------------------------------------------
+
+def rng_states() -> dict:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict):
+    torch.set_rng_state(states["cpu"])
+    if torch.cuda.is_available() and len(states.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def state_path(out_dir: str, stage: str) -> str:
+    return os.path.join(out_dir, f"{stage}_state.pt")
+
+
+class TrainingState:
+    """OUT/<stage>_state.pt: weights, optimizer, scaler, step, the batch sampler's position and the RNG
+    states, and `run_key` (what a resumed run must share with the stopped one). An interval checkpoint
+    is written one step late, once the next loss has shown its weights are good."""
+
+    def __init__(self, out_dir, stage, run_key, model, optimizer, scaler, batches, args):
+        self.path, self.stage, self.run_key, self.args = state_path(out_dir, stage), stage, run_key, args
+        self.model, self.optimizer, self.scaler, self.batches = model, optimizer, scaler, batches
+        self.saved_at, self.due, self.before = None, False, None
+
+    def resume(self, steps: int) -> int:
+        """With --resume and a state on disk, load it and return its step; else 0."""
+        if not os.path.exists(self.path):
+            return 0
+        if not self.args.resume:
+            log(self.args, f"{self.stage}: starting over; {self.path} is from a stopped run (--resume continues it)")
+            return 0
+        state = load_checkpoint(self.path, keys=("model", "optimizer", "scaler", "step", "data", "rng", "run"))
+        if state["run"] != self.run_key:
+            differ = sorted(k for k in self.run_key if state["run"].get(k) != self.run_key[k])
+            raise UserError(f"{self.path} was saved by a run with other settings ({', '.join(differ)}); "
+                            "resume with the same settings, or delete it to start over")
+        try:
+            taia.check_same_layout(self.model.state_dict(), state["model"], "the model", self.path)
+        except ValueError as e:
+            raise UserError(f"{e}; delete it to start over") from None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when the stopped run did not use float16
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_states(state["rng"])
+        self.saved_at = state["step"]
+        log(self.args, f"{self.stage}: resuming from {self.path} at step {self.saved_at}/{steps}")
+        return self.saved_at
+
+    def position(self) -> dict:
+        """Where the batches and random numbers stand."""
+        return {"data": self.batches.state_dict(), "rng": rng_states()}
+
+    def before_batch(self):
+        """Called before a step draws its batch: remember the position, if a save is due this step."""
+        self.before = self.position() if self.due else None
+
+    def save_if_due(self, step: int):
+        """Called once the step's loss is known to be finite: the weights before its update are good."""
+        if self.due:
+            self.save(step, self.before)
+            self.due = False
+
+    def after_update(self, done: int, steps: int):
+        self.due = bool(self.args.save_interval) and done % self.args.save_interval == 0 and done < steps
+
+    def save(self, step: int, position: dict):
+        if is_main(self.args):
+            save_checkpoint(self.path, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                        "scaler": self.scaler.state_dict(), "step": step, **position,
+                                        "run": self.run_key})
+        self.saved_at = step
+        barrier(self.args)
+
+    def stop(self, done: int, steps: int):
+        """Ctrl-C: save where the run stands now, and leave with exit status 130."""
+        self.save(done, self.position())
+        raise Interrupted(f"{self.stage}: stopped at step {done}/{steps}; saved {self.path}. Run the same "
+                          "command with --resume to continue")
+
+
+# ---- the log line: loss, lr, gradient norm, speed, MFU ---------------------------------------------------
+
+# Dense bf16/fp16 tensor-core peak TFLOP/s from the vendors' datasheets; the first name contained in
+# torch.cuda.get_device_name() wins. --peak_tflops overrides.
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("B200", 2250), ("A100", 312),
+               ("L40S", 362), ("L4", 121), ("A10", 125), ("RTX 4090", 165), ("V100", 125), ("T4", 65)]
+
+
+def peak_flops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if not args.device.startswith("cuda") or args.dtype == "float32":
+        return None
+    name = torch.cuda.get_device_name(args.device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+class Progress:
+    """A tqdm bar, and every --log_interval steps one line: step, mean loss, lr, gradient norm, ms/step,
+    tokens/s and, on a GPU, MFU (model FLOPs utilisation: flops_per_token x tokens/s over the peak)."""
+
+    def __init__(self, model, args, stage: str, start: int, steps: int):
+        self.model, self.args, self.stage, self.steps = model, args, stage, steps
+        self.peak, self.flops_per_token = peak_flops(args), None
+        self.bar = tqdm(range(start, steps), desc=stage, leave=False, dynamic_ncols=True,
+                        disable=None if is_main(args) else True)
+        self.t0, self.tokens, self.losses = time.time(), 0, []
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def step_done(self, done: int, loss: float, lr: float, grad_norm, inputs):
+        if self.flops_per_token is None:  # weights a LoRA wrapper or --train_scope froze get no gradient
+            n_trained = sum(m.weight.numel() for m in self.model.modules()
+                            if hasattr(m, "weight") and not isinstance(m, torch.nn.Embedding)
+                            and m.weight.dim() == 2 and m.weight.requires_grad)
+            self.flops_per_token = flops_per_token(self.model.cfg, inputs.shape[1], n_trained)
+        self.losses.append(loss)
+        self.tokens += inputs.numel()
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+        if done % self.args.log_interval and done != self.steps:
+            return
+        elapsed = time.time() - self.t0
+        line = (f"{self.stage} step {done}/{self.steps} loss {sum(self.losses) / len(self.losses):.4f} lr {lr:.2e} "
+                f"grad_norm {float(grad_norm):.3f} {1000 * elapsed / len(self.losses):.0f} ms/step "
+                f"{self.tokens / elapsed:.0f} tok/s")
+        if self.peak:
+            line += f" MFU {100 * self.flops_per_token * self.tokens / elapsed / (self.peak * self.args.world_size):.1f}%"
+        log(self.args, line)
+        self.t0, self.tokens, self.losses = time.time(), 0, []
