@@ -1,6 +1,6 @@
 """Use a finished run of train.py: build any TAIA mode from its files, talk to it, or score it.
 
-    python infer.py --modes base,vanilla,taia --prompt "Instruction: city for Ruba? Response:"
+    python infer.py --modes base,vanilla,taia --prompt "Instruction: city for Tofe? Response:"
     python infer.py --modes base,vanilla,taia,taif --eval out/data/ood_test.jsonl
 
 Modes (see taia.py): base (pretrained weights), vanilla (all fine-tuning updates), taia (tuned

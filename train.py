@@ -1,9 +1,9 @@
 """Pretrain a small Llama-style model on a toy world (or start from a real Llama checkpoint), fine-tune
 every parameter, and compare TAIA (tuned attention, original FFN) with the base and vanilla models.
 
-    python train.py                                                # CPU: the toy world end to end, minutes
-    python train.py --device cuda --dtype bfloat16 --compile       # one GPU
-    torchrun --standalone --nproc_per_node=8 train.py --device cuda    # 8 GPUs (2 CPU processes: drop --device)
+    python train.py                                              # CPU: the toy world end to end, in minutes
+    python train.py --device cuda --dtype bfloat16 --compile     # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --device cuda  # 8 GPUs of one machine
 
 Stages (--stage, default all): data (the toy world -> OUT/data), pretrain (tokenizer + base model ->
 OUT/base.pt), finetune (OUT/ffn_snapshot.pt, OUT/finetuned.pt), eval (OUT/results.json). TAIA itself
@@ -183,7 +183,10 @@ def stage_finetune(args, out_dir: str, seed: int):
     # TAIA, step 1: before any update, keep the original FFN weights. That is all it needs later.
     original_ffn = taia.snapshot(model)
     # Step 2: fine-tune as usual: every parameter (or LoRA on every linear layer, or a scope for TOA/TOF).
-    torch.manual_seed(seed + 2)  # LoRA's initial adapters and dropout draw from their own seed
+    # Three random streams per seed: seed for the model's initialisation and pretraining windows, seed + 1
+    # for the fine-tuning batch order, seed + 2 for LoRA's adapters and dropout. Kept apart, so that adding
+    # LoRA or changing its rank leaves the batch order exactly as it was.
+    torch.manual_seed(seed + 2)
     if args.lora_rank:
         taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
     else:
@@ -194,7 +197,7 @@ def stage_finetune(args, out_dir: str, seed: int):
             p.requires_grad_(taia.group_of(name) in scope)
     settings = finetune_settings(args)
     base_ffn = taia.fingerprint(original_ffn)  # names the base this fine-tune starts from
-    batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)  # the batch order's own seed
+    batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)
     train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
                resume_key(settings, seed=seed, base_ffn=base_ffn))
     # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
