@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from model import to_hf
+
 
 class UserError(Exception):
     """The user's mistake: a bad flag, a missing or malformed file, checkpoints that do not belong
@@ -27,8 +29,9 @@ FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.p
 @contextmanager
 def atomic_write(path: str):
     """Yields a temporary name to write to; once the body has finished, the file is renamed to `path`.
-    A crash or a kill at any moment leaves either the old file or the new one, never half of one; a
-    failed write (full disk, read-only folder) removes the temporary file and becomes a UserError."""
+    A crash or a kill at any moment leaves either the old file or the new one, never half of one. A
+    write the operating system refuses (OSError: read-only folder, full disk) removes the temporary file
+    and becomes a UserError; the temporary file is removed whatever went wrong."""
     tmp = path + ".tmp"
     try:
         yield tmp
@@ -47,6 +50,13 @@ def write_text(path: str, text: str, mode: str = "w"):
 
 def write_json(path: str, obj):
     write_text(path, json.dumps(obj, indent=2))
+
+
+def make_dir(path: str):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {path}: {e.strerror or e}") from None
 
 
 def save_checkpoint(path: str, obj: dict):
@@ -70,10 +80,9 @@ def load_checkpoint(path: str, keys=("model", "config")) -> dict:
 def save_hf(model, path: str):
     """Write a model.Transformer as a Hugging Face Llama directory (config.json + model.safetensors)
     that transformers.LlamaForCausalLM and Transformer.from_pretrained load."""
-    from safetensors.torch import save_file
-    from model import to_hf
+    from safetensors.torch import save_file  # an optional dependency: only this function needs it
     hf_config, state = to_hf(model)
-    os.makedirs(path, exist_ok=True)
+    make_dir(path)
     with atomic_write(os.path.join(path, "model.safetensors")) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
     write_json(os.path.join(path, "config.json"), hf_config)

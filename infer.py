@@ -9,7 +9,6 @@ the provenance ablation only-<group> (only that group tuned, the rest base; grou
 norm, embedding, head).
 """
 import argparse
-import json
 import os
 from dataclasses import asdict, fields
 
@@ -67,8 +66,12 @@ def load_hf_base(hf_dir: str) -> tuple[ModelConfig, dict]:
                         "checkpoints are read")
     hf_tokenizer_path(hf_dir)  # fail before loading gigabytes
     try:
+        from safetensors import SafetensorError
+    except ImportError:
+        raise UserError("--init_from reads safetensors checkpoints: pip install safetensors") from None
+    try:
         model = Transformer.from_pretrained(hf_dir)
-    except (ValueError, KeyError, json.JSONDecodeError, ImportError) as e:  # another architecture, a broken config
+    except (ValueError, KeyError, OSError, SafetensorError) as e:  # another architecture, a broken file
         raise UserError(f"{hf_dir}: {e}") from None
     return model.cfg, model.state_dict()
 
@@ -123,13 +126,15 @@ class FinishedRun:
         if mode == "taia":  # the method as deployed: tuned model, original FFN put back
             return taia.rebuild(model_from_state(self.cfg, self.tuned, device), self.snapshot)
         try:
-            tuned_groups = {mode.removeprefix("only-")} if mode.startswith("only-") else taia.tuned_groups(mode)
-            state = taia.mix(self.base, self.tuned, tuned_groups)
+            if mode.startswith("only-"):  # the provenance ablation: one group tuned, everything else base
+                state = taia.mix(self.base, self.tuned, {mode.removeprefix("only-")})
+            else:
+                state = taia.combine(self.base, self.tuned, mode)
         except ValueError as e:  # an unknown mode; only-embedding on a model whose head is the embedding
             raise UserError(f"mode {mode}: {e}") from None
         return model_from_state(self.cfg, state, device)
 
-    def count_correct(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
+    def count_correct_per_mode(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
         """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set."""
         counts = {}
         for mode in modes:
@@ -199,7 +204,7 @@ def count_correct(model: Transformer, examples: list[dict], sp, template: str = 
 
 
 def accuracies(counts: dict, eval_sets: dict) -> dict:
-    """FinishedRun.count_correct's counts as {metric: {set name: {mode: share right}}}, each set's size from eval_sets."""
+    """FinishedRun.count_correct_per_mode's counts as {metric: {set name: {mode: share right}}}, each set's size from eval_sets."""
     results = {}
     for (metric, name, mode), n in counts.items():
         results.setdefault(metric, {}).setdefault(name, {})[mode] = n / len(eval_sets[name])
@@ -207,7 +212,7 @@ def accuracies(counts: dict, eval_sets: dict) -> dict:
 
 
 def evaluate(run: FinishedRun, modes: list[str], eval_sets: dict, device="cpu") -> dict:
-    return accuracies(run.count_correct(modes, eval_sets, device), eval_sets)
+    return accuracies(run.count_correct_per_mode(modes, eval_sets, device), eval_sets)
 
 
 def format_table(results: dict, modes: list[str], title: str) -> str:
@@ -261,7 +266,8 @@ def parse_args(argv=None):
                    "started from, when it has moved since training")
     p.add_argument("--modes", "--mode", default="base,vanilla,taia,taif",
                    help="comma-separated modes: each --prompt is answered by every one, each --eval file scored "
-                        "by every one (default: base,vanilla,taia,taif)")
+                        "by every one (default: base,vanilla,taia,taif; each mode is a model built in memory, so "
+                        "name only what you need on a large model, e.g. --modes taia)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt to continue (wrapped in the fine-tuning "
                    "--template, if any); repeat for several")
     p.add_argument("--eval", action="append", default=[], metavar="FILE.jsonl",

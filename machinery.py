@@ -61,7 +61,7 @@ def sum_over_processes(counts: dict, args) -> dict:
     """{key: number} summed over every process (unchanged on one process)."""
     if args.world_size == 1:
         return counts
-    keys = sorted(counts)
+    keys = list(counts)  # every process filled the dict in the same order
     total = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=args.device)
     dist.all_reduce(total)
     return dict(zip(keys, total.tolist()))

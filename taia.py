@@ -5,9 +5,13 @@ feed-forward (FFN) weights back. The paper finds the attention updates carry wha
 downstream task, while the FFN updates overwrite knowledge the pretrained model stored there.
 
 Everything here is a function over parameter names and tensors: it works on any `nn.Module` or state
-dict whose names say which block part a tensor is in. To port it to a model whose names differ, adapt
-the four name tuples below (the FFN and attention modules' names, and their matrices' names) and, if
-needed, the rules in `group_of` for norms, embeddings and the head; nothing else depends on naming.
+dict whose names say which block part a tensor is in. Every name it relies on is written in one of
+these places, to adapt when porting to a model whose names differ:
+- the four tuples below: the FFN and attention modules' names and their matrices' names;
+- `group_of`: a parameter is a norm if its module's name contains "norm", an embedding if it contains
+  "embed", the output head if its name starts with "lm_head.";
+- LoRA: adapters are the parameters `lora_A` / `lora_B` of a `LoRALinear` that keeps the wrapped
+  layer's `weight` (and `bias`), so a merged state dict has the plain model's names.
 
 Full fine-tuning:             LoRA on every linear layer of the blocks:
     base = snapshot(model)        add_lora(model, rank=16, alpha=32)   # paper default

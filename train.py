@@ -7,8 +7,10 @@ every parameter, and compare TAIA (tuned attention, original FFN) with the base 
 
 Stages (--stage, default all): data (the toy world -> OUT/data), pretrain (tokenizer + base model ->
 OUT/base.pt), finetune (OUT/ffn_snapshot.pt, OUT/finetuned.pt), eval (OUT/results.json). TAIA itself
-is three lines of stage_finetune: snapshot the FFN before training, train, keep the FFN snapshot for
-inference. More recipes (your own data, LoRA, real checkpoints, several nodes, --resume): README.md.
+is two lines: `original_ffn = taia.snapshot(model)` before fine-tuning (stage_finetune), and
+`taia.rebuild(tuned_model, original_ffn)` when the TAIA model is built for evaluation (stage_eval, via
+infer.FinishedRun). More recipes (your own data, LoRA, real checkpoints, several nodes, --resume):
+README.md.
 """
 import argparse
 import json
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import taia
-from common import FILES, OneLineParser, UserError, atomic_write, resolve_device, run_cli, save_checkpoint, write_json
+from common import (FILES, OneLineParser, UserError, atomic_write, make_dir, resolve_device, run_cli, save_checkpoint,
+                    write_json)
 from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, encode_example, load_tokenizer,
                        read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
@@ -109,7 +112,10 @@ def parse_args(argv=None):
     if args.lora_rank and args.train_scope != "all":
         p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
     args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
-    check_template(args.template)
+    try:
+        check_template(args.template)
+    except UserError as e:
+        p.error(f"--template: {e}")
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
@@ -117,7 +123,7 @@ def parse_args(argv=None):
 
 def check_inputs(args):
     """Everything a run will read that is the user's own, read now rather than after minutes of training."""
-    if not args.init_from:
+    if not args.init_from and args.stage in ("all", "pretrain"):
         model_config(args, args.vocab_size)  # a size that cannot make a model
     parse_modes(args.modes)
     if args.finetune:
@@ -154,10 +160,7 @@ def run(args, out_dir: str, seed: int) -> dict | None:
     """The stages --stage asks for, in order; returns the eval report when eval ran."""
     started = time.time()
     if is_main(args):
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --out_dir {out_dir}: {e.strerror}") from None
+        make_dir(out_dir)
     barrier(args)
     if args.stage in ("all", "data", "pretrain"):
         stage_data(args, out_dir, seed)  # skipped when the files are already there
@@ -171,6 +174,49 @@ def run(args, out_dir: str, seed: int) -> dict | None:
 
 
 # ---- the stages -------------------------------------------------------------------------------------
+
+def stage_data(args, out_dir: str, seed: int):
+    """Write the toy world, unless every input is the user's own or the same seed's world is there."""
+    if args.finetune and args.eval and (args.pretrain_text or args.init_from):
+        return
+    paths = toy_paths(out_dir)
+    data_dir = os.path.dirname(paths["pretrain"])
+    stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
+    if is_main(args) and not toy_world_is_there(paths, stamp, seed):
+        generate_toy_world(data_dir, seed=seed)
+        write_json(stamp, {"seed": seed})
+        print(f"toy world (seed {seed}) written to {data_dir}")
+    barrier(args)  # every process, always: the others wait for rank 0's files
+
+
+def stage_pretrain(args, out_dir: str, seed: int):
+    lines = read_lines(args.pretrain_text or toy_paths(out_dir)["pretrain"])
+    # The tokenizer goes under a new name and replaces the old one only beside the new base.pt.
+    tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
+    resuming = args.resume and os.path.exists(state_path(out_dir, "pretrain"))
+    if is_main(args) and not (resuming and os.path.exists(tokenizer_path + ".new")):
+        train_tokenizer(lines, tokenizer_path + ".new", args.vocab_size)
+    barrier(args)
+    sp = load_tokenizer(tokenizer_path + ".new")
+    stream = token_stream(lines, sp)
+    if len(stream) <= args.seq_len + 1:
+        if is_main(args):
+            os.remove(tokenizer_path + ".new")
+        raise UserError(f"pretraining text has {len(stream)} tokens: fewer than one window of {args.seq_len}")
+    torch.manual_seed(seed)
+    cfg = model_config(args, sp.vocab_size())
+    model = Transformer(cfg).to(args.device)
+    log(args, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
+    batches = WindowBatches(stream, max(1, args.batch_tokens // args.seq_len), args.seq_len, seed)
+    settings = {k: getattr(args, k) for k in PRETRAIN_KEYS}
+    train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain", out_dir,
+               resume_key(settings, seed=seed, config=asdict(cfg)))
+    if is_main(args):
+        save_checkpoint(os.path.join(out_dir, FILES["base"]),
+                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings})
+        os.replace(tokenizer_path + ".new", tokenizer_path)
+    finish_stage(args, out_dir, "pretrain")
+
 
 def stage_finetune(args, out_dir: str, seed: int):
     model, sp, tokenizer_path = load_base(out_dir, args.init_from, args.device)
@@ -215,58 +261,16 @@ def stage_finetune(args, out_dir: str, seed: int):
     finish_stage(args, out_dir, "finetune")
 
 
-def stage_pretrain(args, out_dir: str, seed: int):
-    lines = read_lines(args.pretrain_text or toy_paths(out_dir)["pretrain"])
-    # The tokenizer goes under a new name and replaces the old one only beside the new base.pt.
-    tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
-    resuming = args.resume and os.path.exists(state_path(out_dir, "pretrain"))
-    if is_main(args) and not (resuming and os.path.exists(tokenizer_path + ".new")):
-        train_tokenizer(lines, tokenizer_path + ".new", args.vocab_size)
-    barrier(args)
-    sp = load_tokenizer(tokenizer_path + ".new")
-    stream = token_stream(lines, sp)
-    if len(stream) <= args.seq_len + 1:
-        if is_main(args):
-            os.remove(tokenizer_path + ".new")
-        raise UserError(f"pretraining text has {len(stream)} tokens: fewer than one window of {args.seq_len}")
-    torch.manual_seed(seed)
-    cfg = model_config(args, sp.vocab_size())
-    model = Transformer(cfg).to(args.device)
-    log(args, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
-    batches = WindowBatches(stream, max(1, args.batch_tokens // args.seq_len), args.seq_len, seed)
-    settings = {k: getattr(args, k) for k in PRETRAIN_KEYS}
-    train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain", out_dir,
-               resume_key(settings, seed=seed, config=asdict(cfg)))
-    if is_main(args):
-        save_checkpoint(os.path.join(out_dir, FILES["base"]),
-                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings})
-        os.replace(tokenizer_path + ".new", tokenizer_path)
-    finish_stage(args, out_dir, "pretrain")
-
-
-def stage_data(args, out_dir: str, seed: int):
-    """Write the toy world, unless every input is the user's own or the same seed's world is there."""
-    if args.finetune and args.eval and (args.pretrain_text or args.init_from):
-        return
-    paths = toy_paths(out_dir)
-    data_dir = os.path.dirname(paths["pretrain"])
-    stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
-    if is_main(args) and not toy_world_is_there(paths, stamp, seed):
-        generate_toy_world(data_dir, seed=seed)
-        write_json(stamp, {"seed": seed})
-        print(f"toy world (seed {seed}) written to {data_dir}")
-    barrier(args)  # every process, always: the others wait for rank 0's files
-
-
 def stage_eval(args, out_dir: str, started: float) -> dict:
-    run = FinishedRun(out_dir, args.init_from)
+    # Every mode is built from the run's files; "taia" is the tuned model with taia.rebuild(model, original_ffn).
+    finished_run = FinishedRun(out_dir, args.init_from)
     modes = parse_modes(args.modes)
     sets = read_eval_sets(args.eval or [toy_paths(out_dir)[name] for name in TOY_EVAL_SETS])
     # Each process scores its share of every set; the counts are summed over processes.
     mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}
-    results = accuracies(sum_over_processes(run.count_correct(modes, mine, args.device), args), sets)
-    report = {"results": results["answer"], "exact_match": results["exact"], "seed": run.seed,
-              "seconds": round(time.time() - started, 1), "config": {"model": asdict(run.cfg), **run.meta}}
+    results = accuracies(sum_over_processes(finished_run.count_correct_per_mode(modes, mine, args.device), args), sets)
+    report = {"results": results["answer"], "exact_match": results["exact"], "seed": finished_run.seed,
+              "seconds": round(time.time() - started, 1), "config": {"model": asdict(finished_run.cfg), **finished_run.meta}}
     if is_main(args):
         print_results(results, modes)
         write_json(os.path.join(out_dir, FILES["results"]), report)
@@ -310,7 +314,7 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             check_finite(loss, grad_norm, scaler, step, state)  # stop before a nan reaches the weights
-            state.save_if_due(step)
+            state.save_if_due(step)  # an interval checkpoint, one step late: this finite loss vouches for it
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -344,8 +348,12 @@ def toy_paths(out_dir: str) -> dict:
 def toy_world_is_there(paths: dict, stamp: str, seed: int) -> bool:
     if not all(os.path.exists(p) for p in [*paths.values(), stamp]):
         return False
-    with open(stamp) as f:
-        return json.load(f).get("seed") == seed
+    try:
+        with open(stamp) as f:
+            written = json.load(f)
+    except (OSError, ValueError):  # a damaged stamp: write the world again
+        return False
+    return isinstance(written, dict) and written.get("seed") == seed
 
 
 PRETRAIN_KEYS = ("pretrain_text", "pretrain_steps", "pretrain_lr", "batch_tokens", "seq_len", "weight_decay",

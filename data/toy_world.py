@@ -21,7 +21,7 @@ import json
 import os
 import random
 
-from common import write_text
+from common import make_dir, write_text
 
 SYLLABLES = ["ka", "lo", "mi", "ru", "te", "vo", "sa", "ne", "di", "po", "gu", "fe", "ba", "zi", "ho", "ly",
              "qua", "re", "to", "wi"]
@@ -100,7 +100,7 @@ def generate(out_dir: str, seed: int = 0, **world):
     }
     rng.shuffle(sets["finetune_ood"])
     rng.shuffle(sets["finetune_id"])
-    os.makedirs(out_dir, exist_ok=True)
+    make_dir(out_dir)
     paths = {"pretrain": os.path.join(out_dir, "pretrain.txt")}
     write_text(paths["pretrain"], "".join(line + "\n" for line in lines))
     for name, rows in sets.items():

@@ -1,4 +1,4 @@
-"""bench.py end to end at toy sizes: the figures it reports exist and are sane. No timing thresholds:
+"""tools/bench.py end to end at toy sizes: the figures it reports exist and are sane. No timing thresholds:
 how fast things run belongs in the benchmark's output, not in a test."""
 import json
 import sys
@@ -15,7 +15,7 @@ TINY = ["--dim", "32", "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2",
 
 @pytest.fixture(autouse=True)
 def keep_thread_count():
-    threads = torch.get_num_threads()  # bench.py --threads sets it for the whole process
+    threads = torch.get_num_threads()  # tools/bench.py --threads sets it for the whole process
     yield
     torch.set_num_threads(threads)
 

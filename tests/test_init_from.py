@@ -85,6 +85,10 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
     (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "gpt2"})), "not a Llama checkpoint"),
     (lambda d: (d / "model.safetensors").unlink(), "has no model.safetensors"),
     (lambda d: shutil.rmtree(d), "no such directory"),
+    # A download cut short, and an index that names a shard that is not there.
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]), "broken"),
+    (lambda d: ((d / "model.safetensors").unlink(), (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))), "No such file"),
 ])
 def test_a_directory_that_is_not_a_llama_with_a_tokenizer_gets_a_one_line_error(llama_dir, data, tmp_path, damage,
                                                                                  expected):

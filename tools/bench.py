@@ -57,7 +57,7 @@ def batch_list(text: str) -> list[int]:
 
 def parse_args(argv=None):
     toy = ModelConfig()  # the defaults are the toy preset's sizes
-    p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="tools/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dim", type=positive_int, default=toy.dim, help=f"width of the residual stream (default {toy.dim})")
     a("--n_layers", type=positive_int, default=toy.n_layers, help=f"blocks (default {toy.n_layers})")
