@@ -17,8 +17,13 @@ Full fine-tuning:             LoRA on every linear layer of the blocks:
     base = snapshot(model)        add_lora(model, rank=16, alpha=32)   # paper default
     ...fine-tune model...         ...fine-tune (only adapters train)...
     rebuild(model, base)          state = merge_lora(model, "taia")    # FFN adapters dropped
+
+TAIA is one corner of a space: `interpolate(base, tuned, {"attention": 1, "ffn": 0.5})` puts every
+group (or every layer of attention / FFN) anywhere between its base and tuned value; base, vanilla,
+TAIA and TAIF are its corners (`mode_weights`).
 """
 import hashlib
+import math
 
 import torch
 import torch.nn as nn
@@ -87,25 +92,73 @@ def tuned_groups(mode: str, others: str = "tuned") -> set:
     return keep
 
 
-def mix(base_state: dict, tuned_state: dict, tuned: set) -> dict:
-    """A state dict with the groups in `tuned` from tuned_state and all others from base_state.
-    The tensors are shared with the inputs, not copied. Key sets and shapes must match exactly."""
-    check_same_layout(base_state, tuned_state, "base", "tuned")
-    if not tuned <= set(GROUPS):
-        raise ValueError(f"unknown groups {sorted(tuned - set(GROUPS))}: choose from {GROUPS}")
-    # Tied tensors (e.g. embedding = output head) are one parameter: both names must come from one side.
-    by_storage = {}
-    for k, v in tuned_state.items():
-        by_storage.setdefault((v.data_ptr(), v.shape), set()).add(group_of(k) in tuned)
-    if any(len(sides) > 1 for sides in by_storage.values()):
-        raise ValueError("taia: tied parameters (embedding and output head) cannot come from different sides")
-    return {k: tuned_state[k] if group_of(k) in tuned else base_state[k] for k in tuned_state}
+def mode_weights(mode: str, others: str = "tuned") -> dict:
+    """A named mode as a point of `interpolate`: weight 1 for the groups it tunes, 0 for the rest."""
+    keep = tuned_groups(mode, others)
+    return {g: 1.0 if g in keep else 0.0 for g in GROUPS}
 
 
 def combine(base_state: dict, tuned_state: dict, mode: str, others: str = "tuned") -> dict:
     """The weights to infer with: 'base' (no fine-tuning), 'vanilla' (all updates), 'taia' (tuned
     attention, original FFN) or 'taif' (tuned FFN, original attention)."""
-    return mix(base_state, tuned_state, tuned_groups(mode, others))
+    return interpolate(base_state, tuned_state, mode_weights(mode, others))
+
+
+def mix(base_state: dict, tuned_state: dict, tuned: set) -> dict:
+    """A state dict with the groups in `tuned` from tuned_state and all others from base_state."""
+    if not tuned <= set(GROUPS):
+        raise ValueError(f"unknown groups {sorted(tuned - set(GROUPS))}: choose from {GROUPS}")
+    return interpolate(base_state, tuned_state, {g: 1.0 if g in tuned else 0.0 for g in GROUPS})
+
+
+# ---- Beyond on/off: any point between base and tuned, per group and per layer -----------------------
+
+def layer_of(name: str) -> int | None:
+    """The block a parameter is in ('blocks.3.ffn.up_proj.weight' -> 3, HF's 'model.layers.3...' -> 3)."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def check_weights(weights: dict, n_layers: int):
+    """Group names must exist, numbers be finite; a list (per layer) is for attention or ffn only and
+    must hold one number per block."""
+    unknown = set(weights) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown groups {sorted(unknown)}: choose from {', '.join(GROUPS)}")
+    for group, a in weights.items():
+        values = a if isinstance(a, (list, tuple)) else [a]
+        if isinstance(a, (list, tuple)) and (group not in ("attention", "ffn") or len(a) != n_layers):
+            raise ValueError(f"{group}: a list of weights needs one per layer ({n_layers}), for attention or ffn "
+                             f"only; got {len(a)}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{group}: weights must be finite numbers, not {a!r}")
+
+
+def weight_of(weights: dict, name: str) -> float:
+    """The weight `weights` gives a parameter: its group's number, or its layer's entry of the group's
+    list. A group not named keeps its tuned value (1), as TAIA keeps the tuned norms, embeddings, head."""
+    a = weights.get(group_of(name), 1.0)
+    return float(a[layer_of(name)] if isinstance(a, (list, tuple)) else a)
+
+
+def interpolate(base_state: dict, tuned_state: dict, weights: dict) -> dict:
+    """w = base + a * (tuned - base) for every tensor, `a` its group's weight (see weight_of), e.g.
+    {"attention": 1, "ffn": 0} is TAIA, {"ffn": [0, 0, 0.5, 1]} reverts the FFN of the first two layers
+    and half of the third's update. a = 0 and a = 1 give the base or tuned tensor itself, shared, not
+    copied (every named mode is such a point, bit for bit); a below 0 or above 1 extrapolates past the
+    base or the tuned model: allowed, rarely wise. Key sets and shapes must match exactly."""
+    check_same_layout(base_state, tuned_state, "base", "tuned")
+    check_weights(weights, 1 + max((layer_of(k) for k in tuned_state if layer_of(k) is not None), default=-1))
+    # Tied tensors (e.g. embedding = output head) are one parameter: both names need the same weight.
+    by_storage = {}
+    for k, v in tuned_state.items():
+        by_storage.setdefault((v.data_ptr(), v.shape), set()).add(weight_of(weights, k))
+    if any(len(sides) > 1 for sides in by_storage.values()):
+        raise ValueError("taia: tied parameters (embedding and output head) cannot take different weights")
+    mixed = {}
+    for k in tuned_state:
+        a, base, tuned = weight_of(weights, k), base_state[k], tuned_state[k]
+        mixed[k] = base if a == 0 else tuned if a == 1 else base + a * (tuned - base)
+    return mixed
 
 
 # ---- Full fine-tuning: snapshot the FFN before, rebuild after --------------------------------------
@@ -190,11 +243,14 @@ def add_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: flo
     return model
 
 
-def merge_lora(model: nn.Module, mode: str = "vanilla") -> dict:
+def merge_lora(model: nn.Module, mode: str = "vanilla", weights: dict | None = None) -> dict:
     """A plain state dict (the model's names without adapters) with the adapters of the groups that
     `mode` tunes merged into their weights: TAIA merges attention adapters and drops FFN adapters.
+    `weights` (as for `interpolate`) scales each adapter's delta instead: W + a * B A * alpha / r.
     Under LoRA only the adapters train, so norms, embeddings and head are the base's in every mode."""
-    keep = tuned_groups(mode)
+    weights = mode_weights(mode) if weights is None else weights
+    check_weights(weights, 1 + max((layer_of(n) for n, _ in model.named_parameters() if layer_of(n) is not None),
+                                   default=-1))
     state = {}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -202,7 +258,11 @@ def merge_lora(model: nn.Module, mode: str = "vanilla") -> dict:
                 continue
             owner_name, _, leaf = name.rpartition(".")  # 'blocks.0.attn.q_proj', 'weight'
             owner = model.get_submodule(owner_name)
-            if leaf == "weight" and isinstance(owner, LoRALinear) and group_of(name) in keep:
-                tensor = tensor + owner.delta().to(tensor.dtype)
+            if leaf == "weight" and isinstance(owner, LoRALinear):
+                a = weight_of(weights, name)
+                if a == 1:
+                    tensor = tensor + owner.delta().to(tensor.dtype)
+                elif a != 0:
+                    tensor = tensor + (a * owner.delta()).to(tensor.dtype)
             state[name] = tensor
     return state

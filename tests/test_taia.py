@@ -198,3 +198,72 @@ def test_lora_keeps_the_wrapped_layer_bias_and_dtype():
     taia.add_lora(layer, rank=2, alpha=4, dropout=0.0)
     assert layer.attn.q_proj.lora_A.dtype == torch.float64
     assert torch.equal(layer.attn.q_proj(x), before)
+
+
+# ---- interpolation: any point between base and tuned ------------------------------------------------
+
+def base_and_tuned(seed=0):
+    model = tiny(seed=seed)
+    base = clone_state(model)
+    perturb_all(model)
+    return base, clone_state(model)
+
+
+def test_named_modes_are_points_of_interpolate_bit_for_bit():
+    base, tuned = base_and_tuned()
+    taia_point = taia.interpolate(base, tuned, {"attention": 1.0, "ffn": 0.0})  # unnamed groups stay tuned
+    for mode in taia.MODES:
+        combined = taia.combine(base, tuned, mode)
+        point = taia.interpolate(base, tuned, taia.mode_weights(mode))
+        for name in base:
+            # the very tensor of one side, not a computed copy: base + 1 * (tuned - base) is not bit-exact
+            assert point[name] is combined[name] and (point[name] is base[name] or point[name] is tuned[name])
+    assert all(taia_point[n] is taia.combine(base, tuned, "taia")[n] for n in base)
+
+
+def test_interpolation_halfway_is_the_average_and_per_layer_weights_pick_layers():
+    base, tuned = base_and_tuned()
+    half = taia.interpolate(base, tuned, {g: 0.5 for g in taia.GROUPS})
+    for name in base:
+        assert torch.allclose(half[name], (base[name] + tuned[name]) / 2, rtol=0, atol=1e-6), name
+        assert not torch.equal(half[name], base[name]) and not torch.equal(half[name], tuned[name])
+    layered = taia.interpolate(base, tuned, {"ffn": [0.0, 1.0], "attention": [1.0, 0.25]})
+    assert torch.equal(layered["blocks.0.ffn.up_proj.weight"], base["blocks.0.ffn.up_proj.weight"])
+    assert torch.equal(layered["blocks.1.ffn.up_proj.weight"], tuned["blocks.1.ffn.up_proj.weight"])
+    q0, q1 = "blocks.0.attn.q_proj.weight", "blocks.1.attn.q_proj.weight"
+    assert torch.equal(layered[q0], tuned[q0])
+    assert torch.allclose(layered[q1], base[q1] + 0.25 * (tuned[q1] - base[q1]))
+    beyond = taia.interpolate(base, tuned, {"ffn": 2.0})  # extrapolation is allowed
+    up = "blocks.0.ffn.up_proj.weight"
+    assert torch.allclose(beyond[up], 2 * tuned[up] - base[up], atol=1e-6)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"router": 1.0}, "unknown groups"),
+    ({"norm": [0.0, 1.0]}, "one per layer"),
+    ({"ffn": [0.0, 1.0, 1.0]}, "one per layer"),
+    ({"ffn": float("nan")}, "finite"),
+    ({"attention": "half"}, "finite"),
+])
+def test_interpolate_refuses_bad_weights(weights, message):
+    base, tuned = base_and_tuned()
+    with pytest.raises(ValueError, match=message):
+        taia.interpolate(base, tuned, weights)
+
+
+def test_interpolate_refuses_to_split_tied_embedding_and_head():
+    state = tiny(tie=True).state_dict()  # embed.weight and lm_head.weight are one tensor
+    with pytest.raises(ValueError, match="tied"):
+        taia.interpolate(state, state, {"embedding": 0.5, "head": 1.0})
+    assert set(taia.interpolate(state, state, {"embedding": 0.5, "head": 0.5})) == set(state)
+
+
+def test_lora_scaled_merge_equals_interpolating_the_full_merge():
+    model, base = trained_lora_model()
+    merged_all = taia.merge_lora(model, "vanilla")
+    weights = {"attention": 0.3, "ffn": [0.5, -0.25]}
+    scaled = taia.merge_lora(model, weights=weights)
+    expected = taia.interpolate(base, merged_all, weights)
+    assert set(scaled) == set(expected)
+    for name in expected:
+        assert torch.allclose(scaled[name], expected[name], atol=1e-6), name
