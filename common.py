@@ -21,7 +21,7 @@ class UserError(Exception):
 
 # What a run leaves in its out_dir (train.py writes them, infer.py reads them).
 FILES = {"base": "base.pt", "tuned": "finetuned.pt", "snapshot": "ffn_snapshot.pt", "tokenizer": "tokenizer.model",
-         "results": "results.json"}
+         "results": "results.json", "auto": "auto.json"}
 
 
 # ---- files ---------------------------------------------------------------------------------------

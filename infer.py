@@ -91,12 +91,16 @@ def load_base(out_dir: str, init_from: str | None, device="cpu") -> tuple[Transf
     return model_from_state(cfg, state, device), sp, tokenizer_path
 
 
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # the weights of attention and FFN updates that mode auto tries
+
+
 class FinishedRun:
     """What fine-tuning leaves in out_dir: the tokenizer, the tuned weights, the FFN snapshot, and the
     base (base.pt, or for a fine-tune of a Hugging Face model that directory; init_from: where it is
     now, if it moved). Checks that the files belong together, then builds any mode from them."""
 
     def __init__(self, out_dir: str, init_from: str | None = None):
+        self.out_dir = out_dir
         self.sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
         tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]), keys=("model", "config", "base_ffn"))
         init_from = init_from or tuned.get("init_from")
@@ -121,8 +125,13 @@ class FinishedRun:
         self.meta = {"pretrain": base.get("pretrain"), "finetune": tuned.get("finetune")}
         # Prompts are wrapped in the template the model was fine-tuned with.
         self.template = (tuned.get("finetune") or {}).get("template") or PLAIN_TEMPLATE
+        self.auto = None  # the point choose_auto picked on a dev set, for mode "auto"
 
     def build(self, mode: str, device="cpu") -> Transformer:
+        if mode == "auto":
+            if self.auto is None:
+                raise UserError("mode auto picks its point on a dev set: give --dev FILE.jsonl")
+            return self.build_point(self.auto["weights"], device)
         if mode == "taia":  # the method as deployed: tuned model, original FFN put back
             return taia.rebuild(model_from_state(self.cfg, self.tuned, device), self.snapshot)
         try:
@@ -133,6 +142,44 @@ class FinishedRun:
         except ValueError as e:  # an unknown mode; only-embedding on a model whose head is the embedding
             raise UserError(f"mode {mode}: {e}") from None
         return model_from_state(self.cfg, state, device)
+
+    def build_point(self, weights: dict, device="cpu") -> Transformer:
+        """Any point between base and tuned (taia.interpolate), from the tensors already in memory."""
+        try:
+            state = taia.interpolate(self.base, self.tuned, weights)
+        except ValueError as e:
+            raise UserError(f"weights {weights}: {e}") from None
+        return model_from_state(self.cfg, state, device)
+
+    def score_grid(self, examples: list[dict], device="cpu", values=GRID) -> dict:
+        """{(a_attention, a_ffn): {"exact", "answer"}} for every pair of values; the other groups keep their
+        tuned values, as in TAIA. (1, 0) is TAIA, (1, 1) vanilla, (0, 1) TAIF."""
+        return {(a, f): score(self.build_point({"attention": a, "ffn": f}, device), examples, self.sp, self.template)
+                for a in values for f in values}
+
+    def choose_auto(self, dev_path: str, device="cpu", per_layer: bool = False, save: bool = True) -> str:
+        """Mode auto: pick the grid point with the best answer match on a dev set (ties go to the point
+        nearest TAIA's corner); with per_layer, then try every grid value for each layer's FFN weight in
+        turn, keeping a change only if the dev score rises. Never give it the test set. The choice is
+        written to out_dir/auto.json (with save); returns a line saying what was chosen."""
+        dev = read_examples(dev_path)
+        grid = self.score_grid(dev, device)
+        (a, f), best = max(grid.items(), key=lambda kv: (kv[1]["answer"], -abs(kv[0][0] - 1) - abs(kv[0][1])))
+        weights, best = {"attention": a, "ffn": f}, best["answer"]
+        if per_layer:
+            ffn = [f] * self.cfg.n_layers
+            for layer in range(self.cfg.n_layers):
+                for value in GRID:
+                    trial = ffn[:layer] + [value] + ffn[layer + 1:]
+                    answer = score(self.build_point({"attention": a, "ffn": trial}, device), dev, self.sp,
+                                   self.template)["answer"]
+                    if answer > best:
+                        ffn, best = trial, answer
+            weights = {"attention": a, "ffn": ffn}
+        self.auto = {"weights": weights, "dev": os.path.abspath(dev_path), "dev_answer_match": best}
+        if save:
+            write_json(os.path.join(self.out_dir, FILES["auto"]), self.auto)
+        return f"auto: attention {a}, ffn {weights['ffn']} (answer match {100 * best:.1f}% on {dev_path})"
 
     def count_correct_per_mode(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
         """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set."""
@@ -145,12 +192,17 @@ class FinishedRun:
         return counts
 
 
-def parse_modes(text: str) -> list[str]:
+def parse_modes(text: str, dev: str | None = None, eval_files=()) -> list[str]:
+    """The modes named in text (comma-separated). Mode auto needs a dev set, and never one it reports."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS}
+    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS} | {"auto"}
     bad = [m for m in modes if m not in known]
     if bad or not modes:
         raise UserError(f"unknown mode {bad[0] if bad else text!r}: choose from {', '.join(sorted(known))}")
+    if "auto" in modes and not dev:
+        raise UserError("mode auto picks its point on a dev set: give --dev FILE.jsonl")
+    if dev and any(os.path.realpath(dev) == os.path.realpath(f) for f in eval_files):
+        raise UserError(f"--dev {dev} is also an --eval set: choosing on the set you report is choosing on the test set")
     return modes
 
 
@@ -274,6 +326,10 @@ def parse_args(argv=None):
                    help='print answer-match and exact-match accuracy on {"prompt", "response"} lines; repeat for '
                         'several files')
     p.add_argument("--json", metavar="FILE", help="also write the --eval results to FILE as JSON")
+    p.add_argument("--dev", metavar="FILE.jsonl", help="for mode auto: the set it picks its point on (never the "
+                   "test set); the choice is written to OUT_DIR/auto.json")
+    p.add_argument("--auto_per_layer", action="store_true", help="mode auto: after the grid, tune each layer's "
+                   "FFN weight on the dev set too")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top_k", type=int, default=None)
@@ -287,13 +343,16 @@ def parse_args(argv=None):
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")
     args.device = resolve_device(args.device)
-    args.modes = parse_modes(args.modes)
+    args.modes = parse_modes(args.modes, args.dev, args.eval)
     return args
+
 
 
 def main(argv=None):
     args = parse_args(argv)
     run = FinishedRun(args.out_dir, args.init_from)
+    if "auto" in args.modes:
+        print(run.choose_auto(args.dev, args.device, args.auto_per_layer))
     if args.eval:
         results = evaluate(run, args.modes, read_eval_sets(args.eval), args.device)
         print_results(results, args.modes)

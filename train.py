@@ -60,7 +60,10 @@ def parse_args(argv=None):
            '"### Instruction:\\n{prompt}\\n\\n### Response:\\n" (default: the prompt verbatim)')
     a("--modes", default="base,vanilla,taia,taif",
       help="modes to evaluate (infer.py lists them; e.g. add only-attention,only-embedding for the provenance "
-           "ablation)")
+           "ablation, or auto for the point between base and tuned that scores best on --dev)")
+    a("--dev", metavar="FILE.jsonl", help="mode auto: the set it picks its point on (default: the toy world's "
+                                          "ood_val); never the test set")
+    a("--auto_per_layer", action="store_true", help="mode auto: also tune each layer's FFN weight on --dev")
     a("--vocab_size", type=int, default=768, help="sentencepiece vocabulary trained on the pretraining text")
     # model
     a("--preset", default="toy", choices=sorted(PRESETS), help="model size (vocab_size comes from the tokenizer)")
@@ -125,7 +128,7 @@ def check_inputs(args):
     """Everything a run will read that is the user's own, read now rather than after minutes of training."""
     if not args.init_from and args.stage in ("all", "pretrain"):
         model_config(args, args.vocab_size)  # a size that cannot make a model
-    parse_modes(args.modes)
+    parse_modes(args.modes, args.dev or (None if args.eval else "toy ood_val"), args.eval)
     if args.finetune:
         read_examples(args.finetune)
     read_eval_sets(args.eval)
@@ -265,6 +268,9 @@ def stage_eval(args, out_dir: str, started: float) -> dict:
     # Every mode is built from the run's files; "taia" is the tuned model with taia.rebuild(model, original_ffn).
     finished_run = FinishedRun(out_dir, args.init_from)
     modes = parse_modes(args.modes)
+    if "auto" in modes:  # every process chooses (the same point); rank 0 writes the choice down
+        log(args, finished_run.choose_auto(args.dev or toy_paths(out_dir)["ood_val"], args.device,
+                                           args.auto_per_layer, save=is_main(args)))
     sets = read_eval_sets(args.eval or [toy_paths(out_dir)[name] for name in TOY_EVAL_SETS])
     # Each process scores its share of every set; the counts are summed over processes.
     mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}

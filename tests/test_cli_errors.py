@@ -42,6 +42,9 @@ def test_infer_rejects_bad_input(trained, tmp_path):
         (["--out_dir", trained, "--eval", write(tmp_path / "empty.jsonl", "\n")], "holds no examples"),
         (["--out_dir", trained, "--eval", trained / "data/ood_test.jsonl", "--json", tmp_path / "no/dir/x.json"],
          "folder does not exist"),
+        (["--out_dir", trained, "--modes", "taia,auto", "--prompt", "hi"], "give --dev"),
+        (["--out_dir", trained, "--modes", "auto", "--dev", trained / "data/ood_test.jsonl",
+          "--eval", trained / "data/ood_test.jsonl"], "choosing on the test set"),
     ]
     for args, expected in cases:
         assert_one_line_error(run("infer.py", *args, cwd=tmp_path), expected)
@@ -109,6 +112,7 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--init_from", tmp_path / "nowhere", "--finetune", good_jsonl, "--eval", good_jsonl], "no such directory"),
         # Inputs that later stages read are checked before pretraining starts.
         (["--modes", "base,nope"], "unknown mode"),
+        (["--modes", "taia,auto", "--eval", good_jsonl], "give --dev"),
         (["--eval", tmp_path / "missing.jsonl"], "cannot read"),
         (["--finetune", write(tmp_path / "ft.jsonl", "{oops\n")], "ft.jsonl:1: not valid JSON"),
         (["--eval", good_jsonl, "--eval", write(tmp_path / "other" / "good.jsonl", good_jsonl.read_text())],
@@ -150,3 +154,14 @@ run_cli(lambda: (train if program == "train" else infer).main(argv))
         assert result.returncode == 1, (args[0], result.returncode, result.stderr)
         assert "Traceback" in result.stderr and "ValueError: a planted bug" in result.stderr, result.stderr
         assert "error: a planted bug" not in result.stderr
+
+
+def test_grid_points_with_bad_weights_are_one_line_errors(trained):
+    from common import UserError
+    from infer import FinishedRun
+    run = FinishedRun(str(trained))
+    for weights, message in [({"ffn": [0.0, 1.0]}, "one per layer"), ({"mlp": 0.5}, "unknown groups"),
+                             ({"attention": float("inf")}, "finite")]:
+        with pytest.raises(UserError, match=message):
+            run.build_point(weights)
+    assert run.build_point({"ffn": [0.5]}).cfg.n_layers == 1  # the tiny model has one layer

@@ -11,7 +11,7 @@ from data.text import (check_template, encode_example, example_batch, load_token
                        train_tokenizer)
 from data.toy_world import generate
 from helpers import TINY, run
-from infer import score
+from infer import GRID, score
 
 
 def test_toy_world_is_deterministic_for_a_seed_and_differs_across_seeds(tmp_path):
@@ -144,6 +144,19 @@ def test_tiny_end_to_end_run_writes_every_file(tmp_path):
     # With several modes, the prompt is answered by each, one line per mode.
     answers = [line.split(":")[0].strip() for line in result.stdout.splitlines() if line.startswith("    ")]
     assert answers == ["base", "taia"], result.stdout
+
+    # Mode auto picks a grid point on the dev set and writes it down; the grid's TAIA corner scores as TAIA.
+    result = run("infer.py", "--out_dir", out, "--modes", "taia,auto", "--dev", out / "data/ood_val.jsonl",
+                 "--eval", out / "data/knowledge.jsonl", "--json", tmp_path / "auto.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    choice = json.loads((out / "auto.json").read_text())
+    assert choice["weights"]["attention"] in GRID and choice["weights"]["ffn"] in GRID
+    assert choice["dev"] == str(out / "data/ood_val.jsonl") and 0 <= choice["dev_answer_match"] <= 1
+    result = run("experiments/grid.py", "--out_dir", out, "--eval", out / "data/knowledge.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    taia_row = result.stdout.splitlines()[2 + GRID.index(1.0)].split()
+    assert float(taia_row[0]) == 1.0 and len(taia_row) == 1 + len(GRID)
+    assert float(taia_row[1]) == round(100 * report["results"]["knowledge"]["taia"], 1)
 
 
 def test_summary_over_seeds_gives_mean_std_and_paired_difference():
