@@ -267,10 +267,10 @@ def stage_finetune(args, out_dir: str, seed: int):
 def stage_eval(args, out_dir: str, started: float) -> dict:
     # Every mode is built from the run's files; "taia" is the tuned model with taia.rebuild(model, original_ffn).
     finished_run = FinishedRun(out_dir, args.init_from)
-    modes = parse_modes(args.modes)
+    dev = args.dev or toy_paths(out_dir)["ood_val"]  # where mode auto chooses its point
+    modes = parse_modes(args.modes, dev, args.eval)
     if "auto" in modes:  # every process chooses (the same point); rank 0 writes the choice down
-        log(args, finished_run.choose_auto(args.dev or toy_paths(out_dir)["ood_val"], args.device,
-                                           args.auto_per_layer, save=is_main(args)))
+        log(args, finished_run.choose_auto(dev, args.device, args.auto_per_layer, save=is_main(args)))
     sets = read_eval_sets(args.eval or [toy_paths(out_dir)[name] for name in TOY_EVAL_SETS])
     # Each process scores its share of every set; the counts are summed over processes.
     mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}

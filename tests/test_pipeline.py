@@ -152,6 +152,11 @@ def test_tiny_end_to_end_run_writes_every_file(tmp_path):
     choice = json.loads((out / "auto.json").read_text())
     assert choice["weights"]["attention"] in GRID and choice["weights"]["ffn"] in GRID
     assert choice["dev"] == str(out / "data/ood_val.jsonl") and 0 <= choice["dev_answer_match"] <= 1
+    # train.py's eval stage chooses on the toy world's ood_val by default, and reports auto beside the rest.
+    result = run("train.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "taia,auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads((out / "results.json").read_text())["results"]["ood_test"]) == {"taia", "auto"}
+    assert json.loads((out / "auto.json").read_text())["dev"] == str(out / "data/ood_val.jsonl")
     result = run("experiments/grid.py", "--out_dir", out, "--eval", out / "data/knowledge.jsonl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     taia_row = result.stdout.splitlines()[2 + GRID.index(1.0)].split()
