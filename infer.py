@@ -347,7 +347,6 @@ def parse_args(argv=None):
     return args
 
 
-
 def main(argv=None):
     args = parse_args(argv)
     run = FinishedRun(args.out_dir, args.init_from)

@@ -129,8 +129,8 @@ def check_inputs(args):
     if not args.init_from and args.stage in ("all", "pretrain"):
         model_config(args, args.vocab_size)  # a size that cannot make a model
     parse_modes(args.modes, args.dev or (None if args.eval else "toy ood_val"), args.eval)
-    if args.finetune:
-        read_examples(args.finetune)
+    for path in filter(None, [args.finetune, args.dev]):
+        read_examples(path)
     read_eval_sets(args.eval)
     if args.pretrain_text and args.stage in ("all", "pretrain"):
         read_lines(args.pretrain_text)

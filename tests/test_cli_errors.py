@@ -113,6 +113,7 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         # Inputs that later stages read are checked before pretraining starts.
         (["--modes", "base,nope"], "unknown mode"),
         (["--modes", "taia,auto", "--eval", good_jsonl], "give --dev"),
+        (["--modes", "taia,auto", "--dev", tmp_path / "no_dev.jsonl"], "cannot read"),
         (["--eval", tmp_path / "missing.jsonl"], "cannot read"),
         (["--finetune", write(tmp_path / "ft.jsonl", "{oops\n")], "ft.jsonl:1: not valid JSON"),
         (["--eval", good_jsonl, "--eval", write(tmp_path / "other" / "good.jsonl", good_jsonl.read_text())],
