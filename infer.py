@@ -44,7 +44,8 @@ def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer
 
 def check_tokenizer(sp, cfg: ModelConfig):
     if sp.vocab_size() != cfg.vocab_size:
-        raise UserError(f"tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}: they do not belong together")
+        raise UserError(f"tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}: "
+                        "they do not belong together")
 
 
 def hf_tokenizer_path(hf_dir: str) -> str:
@@ -154,8 +155,10 @@ class FinishedRun:
     def score_grid(self, examples: list[dict], device="cpu", values=GRID) -> dict:
         """{(a_attention, a_ffn): {"exact", "answer"}} for every pair of values; the other groups keep their
         tuned values, as in TAIA. (1, 0) is TAIA, (1, 1) vanilla, (0, 1) TAIF."""
-        return {(a, f): score(self.build_point({"attention": a, "ffn": f}, device), examples, self.sp, self.template)
-                for a in values for f in values}
+        return {(a, f): self.score_point({"attention": a, "ffn": f}, examples, device) for a in values for f in values}
+
+    def score_point(self, weights: dict, examples: list[dict], device="cpu") -> dict:
+        return score(self.build_point(weights, device), examples, self.sp, self.template)
 
     def choose_auto(self, dev_path: str, device="cpu", per_layer: bool = False, save: bool = True) -> str:
         """Mode auto: pick the grid point with the best answer match on a dev set (ties go to the point
@@ -171,8 +174,7 @@ class FinishedRun:
             for layer in range(self.cfg.n_layers):
                 for value in GRID:
                     trial = ffn[:layer] + [value] + ffn[layer + 1:]
-                    answer = score(self.build_point({"attention": a, "ffn": trial}, device), dev, self.sp,
-                                   self.template)["answer"]
+                    answer = self.score_point({"attention": a, "ffn": trial}, dev, device)["answer"]
                     if answer > best:
                         ffn, best = trial, answer
             weights = {"attention": a, "ffn": ffn}
@@ -202,7 +204,8 @@ def parse_modes(text: str, dev: str | None = None, eval_files=()) -> list[str]:
     if "auto" in modes and not dev:
         raise UserError("mode auto picks its point on a dev set: give --dev FILE.jsonl")
     if dev and any(os.path.realpath(dev) == os.path.realpath(f) for f in eval_files):
-        raise UserError(f"--dev {dev} is also an --eval set: choosing on the set you report is choosing on the test set")
+        raise UserError(f"--dev {dev} is also an --eval set: choosing on the set you report is choosing on the "
+                        "test set")
     return modes
 
 
@@ -256,7 +259,8 @@ def count_correct(model: Transformer, examples: list[dict], sp, template: str = 
 
 
 def accuracies(counts: dict, eval_sets: dict) -> dict:
-    """FinishedRun.count_correct_per_mode's counts as {metric: {set name: {mode: share right}}}, each set's size from eval_sets."""
+    """FinishedRun.count_correct_per_mode's counts as {metric: {set name: {mode: share right}}}, each set's
+    size from eval_sets."""
     results = {}
     for (metric, name, mode), n in counts.items():
         results.setdefault(metric, {}).setdefault(name, {})[mode] = n / len(eval_sets[name])

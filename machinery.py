@@ -300,6 +300,7 @@ class Progress:
                 f"grad_norm {float(grad_norm):.3f} {1000 * elapsed / len(self.losses):.0f} ms/step "
                 f"{self.tokens / elapsed:.0f} tok/s")
         if self.peak:
-            line += f" MFU {100 * self.flops_per_token * self.tokens / elapsed / (self.peak * self.args.world_size):.1f}%"
+            achieved = self.flops_per_token * self.tokens / elapsed
+            line += f" MFU {100 * achieved / (self.peak * self.args.world_size):.1f}%"
         log(self.args, line)
         self.t0, self.tokens, self.losses = time.time(), 0, []

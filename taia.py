@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Names as ours ('blocks.3.ffn.up_proj.weight') and Hugging Face Llama's ('model.layers.3.mlp.up_proj.weight') spell them.
+# The names as ours ('blocks.3.ffn.up_proj.weight') and Hugging Face Llama's
+# ('model.layers.3.mlp.up_proj.weight') spell them.
 FFN_MODULES = ("ffn", "mlp")
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = ("attn", "self_attn")
@@ -118,9 +119,10 @@ def layer_of(name: str) -> int | None:
     return next((int(part) for part in name.split(".") if part.isdigit()), None)
 
 
-def check_weights(weights: dict, n_layers: int):
+def check_weights(weights: dict, names):
     """Group names must exist, numbers be finite; a list (per layer) is for attention or ffn only and
-    must hold one number per block."""
+    must hold one number per block of the model whose parameter `names` are given."""
+    n_layers = 1 + max((layer_of(n) for n in names if layer_of(n) is not None), default=-1)
     unknown = set(weights) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown groups {sorted(unknown)}: choose from {', '.join(GROUPS)}")
@@ -147,7 +149,7 @@ def interpolate(base_state: dict, tuned_state: dict, weights: dict) -> dict:
     copied (every named mode is such a point, bit for bit); a below 0 or above 1 extrapolates past the
     base or the tuned model: allowed, rarely wise. Key sets and shapes must match exactly."""
     check_same_layout(base_state, tuned_state, "base", "tuned")
-    check_weights(weights, 1 + max((layer_of(k) for k in tuned_state if layer_of(k) is not None), default=-1))
+    check_weights(weights, tuned_state)
     # Tied tensors (e.g. embedding = output head) are one parameter: both names need the same weight.
     by_storage = {}
     for k, v in tuned_state.items():
@@ -249,8 +251,7 @@ def merge_lora(model: nn.Module, mode: str = "vanilla", weights: dict | None = N
     `weights` (as for `interpolate`) scales each adapter's delta instead: W + a * B A * alpha / r.
     Under LoRA only the adapters train, so norms, embeddings and head are the base's in every mode."""
     weights = mode_weights(mode) if weights is None else weights
-    check_weights(weights, 1 + max((layer_of(n) for n, _ in model.named_parameters() if layer_of(n) is not None),
-                                   default=-1))
+    check_weights(weights, model.state_dict())
     state = {}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -258,11 +259,7 @@ def merge_lora(model: nn.Module, mode: str = "vanilla", weights: dict | None = N
                 continue
             owner_name, _, leaf = name.rpartition(".")  # 'blocks.0.attn.q_proj', 'weight'
             owner = model.get_submodule(owner_name)
-            if leaf == "weight" and isinstance(owner, LoRALinear):
-                a = weight_of(weights, name)
-                if a == 1:
-                    tensor = tensor + owner.delta().to(tensor.dtype)
-                elif a != 0:
-                    tensor = tensor + (a * owner.delta()).to(tensor.dtype)
+            if leaf == "weight" and isinstance(owner, LoRALinear) and (a := weight_of(weights, name)) != 0:
+                tensor = tensor + (a * owner.delta()).to(tensor.dtype)  # a = 1 adds the delta bit for bit
             state[name] = tensor
     return state

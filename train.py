@@ -276,7 +276,8 @@ def stage_eval(args, out_dir: str, started: float) -> dict:
     mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}
     results = accuracies(sum_over_processes(finished_run.count_correct_per_mode(modes, mine, args.device), args), sets)
     report = {"results": results["answer"], "exact_match": results["exact"], "seed": finished_run.seed,
-              "seconds": round(time.time() - started, 1), "config": {"model": asdict(finished_run.cfg), **finished_run.meta}}
+              "seconds": round(time.time() - started, 1),
+              "config": {"model": asdict(finished_run.cfg), **finished_run.meta}}
     if is_main(args):
         print_results(results, modes)
         write_json(os.path.join(out_dir, FILES["results"]), report)

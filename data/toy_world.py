@@ -107,4 +107,3 @@ def generate(out_dir: str, seed: int = 0, **world):
         paths[name] = os.path.join(out_dir, name + ".jsonl")
         write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     return paths
-
