@@ -7,9 +7,9 @@ downstream task, while the FFN updates overwrite knowledge the pretrained model 
 Everything here is a function over parameter names and tensors: it works on any `nn.Module` or state
 dict whose names say which block part a tensor is in. Every name it relies on is written in one of
 these places, to adapt when porting to a model whose names differ:
-- the four tuples below: the FFN and attention modules' names and their matrices' names;
-- `group_of`: a parameter is a norm if its module's name contains "norm", an embedding if it contains
-  "embed", the output head if its name starts with "lm_head.";
+- `GROUP_TABLE` below: which modules hold attention, FFN, norm, embedding and head tensors, for our
+  model and the common Hugging Face families (Llama, Mistral, Qwen2/3, Gemma2, Phi-3, OLMo2, GPT-NeoX,
+  GPT-2); `group_of` reads it;
 - LoRA: adapters are the parameters `lora_A` / `lora_B` of a `LoRALinear` that keeps the wrapped
   layer's `weight` (and `bias`), so a merged state dict has the plain model's names.
 
@@ -29,45 +29,78 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The names as ours ('blocks.3.ffn.up_proj.weight') and Hugging Face Llama's
-# ('model.layers.3.mlp.up_proj.weight') spell them.
-FFN_MODULES = ("ffn", "mlp")
-FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
-ATTENTION_MODULES = ("attn", "self_attn")
-ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
-GROUPS = ("attention", "ffn", "norm", "embedding", "head")
+# Which group a tensor belongs to, read from the module that holds it: a tensor is '<path>.<module>.weight'
+# (or '.bias': a projection's bias belongs to its projection's group). Projections are named with the
+# block part that holds them ('mlp.c_proj'), because GPT-2 calls both of its output projections 'c_proj';
+# fused projections belong to the group they fuse. To port TAIA to a new family, add its module names to
+# this table; a tensor it does not name is an error, never a silent default.
+GROUP_TABLE = {
+    "attention": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",                  # ours (model.py)
+                  "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",  # HF Llama etc.
+                  "self_attn.qkv_proj",                                 # Phi-3: q, k, v fused
+                  "attention.query_key_value", "attention.dense",       # GPT-NeoX, Pythia
+                  "attn.c_attn", "attn.c_proj"),                        # GPT-2 (c_attn: q, k, v fused)
+    "ffn": ("ffn.gate_proj", "ffn.up_proj", "ffn.down_proj",            # ours
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",            # HF Llama etc.
+            "mlp.gate_up_proj",                                         # Phi-3: gate and up fused
+            "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",                   # GPT-NeoX, Pythia
+            "mlp.c_fc", "mlp.c_proj"),                                  # GPT-2
+    "norm": ("attn_norm", "ffn_norm", "norm",                           # ours; 'norm' is HF Llama's final norm too
+             "input_layernorm", "post_attention_layernorm",             # HF Llama etc., GPT-NeoX
+             "pre_feedforward_layernorm", "post_feedforward_layernorm", # Gemma2, OLMo2
+             "q_norm", "k_norm",                                        # Qwen3, OLMo2: inside attention, still norms
+             "final_layer_norm",                                        # GPT-NeoX
+             "ln_1", "ln_2", "ln_f"),                                   # GPT-2
+    "embedding": ("embed", "embed_tokens", "embed_in",                  # ours, HF Llama etc., GPT-NeoX
+                  "wte", "wpe"),                                        # GPT-2: tokens, positions
+    "head": ("lm_head", "embed_out"),                                   # GPT-NeoX's older files: embed_out
+}
+# "HF Llama etc." are the Hugging Face families whose blocks are named like Llama's: Llama, Mistral,
+# Qwen2 (its q/k/v biases: attention), Qwen3, Gemma2, OLMo2 and Phi-3 (o_proj, down_proj).
+GROUPS = tuple(GROUP_TABLE)
+
+
+def module_groups(table: dict) -> dict:
+    """{module name: group} from GROUP_TABLE; a module listed under two groups is refused."""
+    groups = {}
+    for group, modules in table.items():
+        for module in modules:
+            assert groups.setdefault(module, group) == group, f"{module} is in two groups of GROUP_TABLE"
+    return groups
+
+
+GROUP_OF_MODULE = module_groups(GROUP_TABLE)
+
+
+def group_or_none(name: str) -> str | None:
+    """The group GROUP_TABLE gives a tensor, or None. Only weights and biases have one: LoRA adapters
+    ('...up_proj.lora_A') are not FFN weights. A block part with its projection ('mlp.c_proj') is
+    looked up before the module alone ('ln_1')."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+        return None
+    return GROUP_OF_MODULE.get(".".join(parts[-3:-1])) or GROUP_OF_MODULE.get(parts[-2])
 
 
 def is_ffn(name: str) -> bool:
-    """The one predicate that defines 'the FFN' for TAIA: the gate/up/down matrices of every block,
-    e.g. 'blocks.3.ffn.up_proj.weight' (ours) or 'model.layers.3.mlp.up_proj.weight' (Hugging Face).
-    Only the weight matrices: LoRA adapters ('...up_proj.lora_A') and norms are not the FFN."""
-    parts = name.split(".")
-    return any(m in parts for m in FFN_MODULES) and len(parts) >= 2 and parts[-2] in FFN_MATRICES \
-        and parts[-1] == "weight"
+    """The one predicate that defines 'the FFN' for TAIA: the FFN projections of every block, weights
+    and biases, e.g. 'blocks.3.ffn.up_proj.weight' (ours) or 'model.layers.3.mlp.up_proj.weight'
+    (Hugging Face); GROUP_TABLE["ffn"] lists them."""
+    return group_or_none(name) == "ffn"
 
 
 def is_attention(name: str) -> bool:
-    """The q/k/v/o matrices of every block ('blocks.3.attn.q_proj.weight', '...self_attn.q_proj.weight')."""
-    parts = name.split(".")
-    return any(m in parts for m in ATTENTION_MODULES) and len(parts) >= 2 and parts[-2] in ATTENTION_MATRICES \
-        and parts[-1] == "weight"
+    """The attention projections of every block (q/k/v/o, or fused ones), weights and biases."""
+    return group_or_none(name) == "attention"
 
 
 def group_of(name: str) -> str:
     """Which of GROUPS a parameter belongs to. Unknown names are an error, never silently 'other'."""
-    if is_ffn(name):
-        return "ffn"
-    if is_attention(name):
-        return "attention"
-    owner = name.split(".")[-2] if "." in name else name
-    if "norm" in owner:  # attn_norm, ffn_norm, the final norm (HF: input_layernorm, ..., norm)
-        return "norm"
-    if "embed" in owner:  # embed, HF's embed_tokens
-        return "embedding"
-    if name.startswith("lm_head."):
-        return "head"
-    raise ValueError(f"taia: cannot tell which group parameter {name!r} belongs to; adapt group_of()")
+    group = group_or_none(name)
+    if group is None:
+        raise ValueError(f"taia: cannot tell which group parameter {name!r} belongs to; add its module to "
+                         "GROUP_TABLE")
+    return group
 
 
 # Which groups each mode takes from the fine-tuned model; every other group comes from the base model.
