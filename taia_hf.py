@@ -1,0 +1,358 @@
+"""TAIA for a checkpoint you already have, in Hugging Face format: the model people fine-tuned with
+some other tool, turned into its TAIA version (tuned attention, original FFN) as a new directory that
+transformers (or any tool that reads Hugging Face directories) loads as usual.
+
+    python taia_hf.py full BASE_DIR TUNED_DIR OUT_DIR      # a full fine-tune of BASE_DIR
+    python taia_hf.py lora BASE_DIR ADAPTER_DIR OUT_DIR    # a PEFT LoRA adapter of BASE_DIR
+
+`full` takes every tensor from TUNED_DIR except the FFN's, which come from BASE_DIR; `lora` merges the
+adapters of the attention projections into BASE_DIR's weights and drops the FFN adapters (PEFT is not
+needed). `--mode` picks another mode of taia.py, `--weights` any point between base and tuned. Which
+tensor is attention, FFN, norm, embedding or head is taia.GROUP_TABLE's answer, by module name.
+
+Only safetensors are read. The output is written tensor by tensor, in the base's shards and with each
+shard's header copied from the base (names, dtypes, shapes and byte offsets are the same; only the
+bytes of the tensors differ), so memory holds about two tensors at a time, never two models.
+Everything is checked before anything is written, and the directory appears only once it is complete.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+import taia
+from common import OneLineParser, UserError, make_dir, run_cli
+
+INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# Files of a model directory that hold weights: never copied to the output, whose weights are its own.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+# ---- reading: a directory's safetensors, lazily ----------------------------------------------------
+
+class Safetensors:
+    """The tensors of some safetensors files, opened lazily: names, dtypes and shapes come from the
+    files' headers at once, a tensor's bytes only when `tensor(name)` asks for them."""
+
+    def __init__(self, folder: str, files: list[str], what: str):
+        self.folder = folder
+        self.handles, self.file_of, self.layout = {}, {}, {}  # layout: name -> (dtype, shape)
+        for file in files:
+            path = os.path.join(folder, file)
+            if not os.path.isfile(path):
+                raise UserError(f"{what} {folder}: {file} is missing")
+            try:
+                handle = safe_open(path, framework="pt")
+            except SafetensorError as e:  # not a safetensors file, truncated, a broken header
+                raise UserError(f"{what} {path}: not a readable safetensors file ({e})") from None
+            self.handles[file] = handle
+            for name in handle.keys():
+                if name in self.file_of:
+                    raise UserError(f"{what} {folder}: {name} is in both {self.file_of[name]} and {file}")
+                info = handle.get_slice(name)
+                self.file_of[name], self.layout[name] = file, (info.get_dtype(), tuple(info.get_shape()))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.handles[self.file_of[name]].get_tensor(name)
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what}: {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what}: {path} does not hold a JSON object")
+    return obj
+
+
+def open_model_dir(path: str, what: str) -> tuple[dict, Safetensors]:
+    """config.json and the weights of a Hugging Face model directory: model.safetensors, or the shards
+    model.safetensors.index.json names (whose weight map must agree with the shards' contents)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path}: no such directory")
+    config = read_json(os.path.join(path, "config.json"), f"{what} {path}")
+    if os.path.isfile(os.path.join(path, INDEX)):
+        weight_map = read_json(os.path.join(path, INDEX), what).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{what}: {os.path.join(path, INDEX)} has no weight_map of tensor name -> file")
+        weights = Safetensors(path, sorted(set(weight_map.values())), what)
+        if weights.file_of != weight_map:
+            wrong = sorted(n for n in set(weight_map) | set(weights.file_of)
+                           if weight_map.get(n) != weights.file_of.get(n))
+            raise UserError(f"{what}: {INDEX} does not match its shards (e.g. {wrong[0]})")
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        weights = Safetensors(path, ["model.safetensors"], what)
+    else:
+        raise UserError(f"{what} {path} has no model.safetensors (or {INDEX}): only safetensors are read")
+    for name in weights.layout:
+        group_of(name, what)
+    return config, weights
+
+
+def group_of(name: str, what: str) -> str:
+    try:
+        return taia.group_of(name)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+# ---- writing: the base's shards, one tensor at a time -------------------------------------------------
+
+def write_like(out_dir: str, base: Safetensors, tensor_for):
+    """Write every shard of `base` again under out_dir, with `tensor_for(name)` as each tensor's value.
+    The header (names, dtypes, shapes, byte offsets, metadata) is the base shard's own, copied byte for
+    byte; then each tensor's bytes, in the order of its offsets, one tensor in memory at a time. The
+    base's shard index, if it has one, is copied: it still names the right shard for every tensor."""
+    if os.path.isfile(os.path.join(base.folder, INDEX)):
+        shutil.copy2(os.path.join(base.folder, INDEX), os.path.join(out_dir, INDEX))
+    for file in base.handles:
+        with open(os.path.join(base.folder, file), "rb") as f:
+            header_bytes = f.read(8)
+            header_bytes += f.read(struct.unpack("<Q", header_bytes)[0])
+        header = json.loads(header_bytes[8:])
+        names = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+        with open(os.path.join(out_dir, file), "wb") as out:
+            out.write(header_bytes)
+            for name in names:
+                tensor = tensor_for(name).contiguous()
+                start, end = header[name]["data_offsets"]
+                assert out.tell() == len(header_bytes) + start and tensor.nbytes == end - start, name
+                assert tuple(tensor.shape) == tuple(header[name]["shape"]), name
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
+
+
+def copy_other_files(src: str, out_dir: str):
+    """config.json, the tokenizer's files, generation_config.json ...: every file but weights."""
+    for file in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, file)) and not file.endswith(WEIGHT_SUFFIXES) and file != INDEX:
+            shutil.copy2(os.path.join(src, file), os.path.join(out_dir, file))
+
+
+def check_out_dir(out_dir: str, inputs: list[str]):
+    if any(os.path.realpath(out_dir) == os.path.realpath(p) for p in inputs):
+        raise UserError(f"OUT_DIR {out_dir} is one of the input directories: choose a new folder")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise UserError(f"OUT_DIR {out_dir} already exists and is not empty: choose a new folder "
+                        "(nothing is overwritten)")
+
+
+def write_model_dir(out_dir: str, files_from: str, base: Safetensors, tensor_for):
+    """The whole output directory, written in a hidden folder beside it and renamed once complete: an
+    error (or a kill) midway leaves no half-written model under OUT_DIR."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    make_dir(parent)
+    tmp = tempfile.mkdtemp(prefix=".taia_hf-", dir=parent)
+    try:
+        copy_other_files(files_from, tmp)
+        write_like(tmp, base, tensor_for)
+        os.rename(tmp, out_dir)  # onto an absent or empty folder: atomic
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
+
+
+# ---- the modes ------------------------------------------------------------------------------------
+
+def weights_from_args(args, names) -> dict:
+    """--weights attention=1,ffn=0.5 (groups not named stay tuned, as in taia.interpolate), else the
+    point of --mode."""
+    if args.weights is None:
+        return taia.mode_weights(args.mode, args.others)
+    weights = {}
+    for item in args.weights.split(","):
+        group, _, value = item.partition("=")
+        try:
+            weights[group.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--weights {args.weights}: write group=number,..., e.g. attention=1,ffn=0.5") from None
+    try:
+        taia.check_weights(weights, names)
+    except ValueError as e:
+        raise UserError(f"--weights {args.weights}: {e}") from None
+    return weights
+
+
+def describe(weights: dict, names) -> str:
+    """Where each group came from, e.g. 'attention (8): tuned, ffn (6): base, ...'."""
+    groups = [taia.group_of(name) for name in names]
+    sides = []
+    for group in taia.GROUPS:
+        if group in groups:
+            a = weights.get(group, 1.0)
+            side = "base" if a == 0 else "tuned" if a == 1 else f"base + {a:g} x (tuned - base)"
+            sides.append(f"{group} ({groups.count(group)}): {side}")
+    return ", ".join(sides)
+
+
+# ---- full: two directories ------------------------------------------------------------------------
+
+def full(args):
+    check_out_dir(args.out_dir, [args.base_dir, args.tuned_dir])
+    base_config, base = open_model_dir(args.base_dir, "BASE_DIR")
+    tuned_config, tuned = open_model_dir(args.tuned_dir, "TUNED_DIR")
+    if base_config.get("model_type") != tuned_config.get("model_type"):
+        raise UserError(f"TUNED_DIR is a {tuned_config.get('model_type')!r} model, BASE_DIR a "
+                        f"{base_config.get('model_type')!r}: not the same architecture")
+    for name in sorted(set(base.layout) | set(tuned.layout)):
+        if name not in tuned.layout or name not in base.layout:
+            side = "TUNED_DIR" if name not in tuned.layout else "BASE_DIR"
+            raise UserError(f"{name} is missing from {side}: the two directories hold different tensors")
+        if base.layout[name] != tuned.layout[name]:
+            raise UserError(f"{name} is {tuned.layout[name][0]} {list(tuned.layout[name][1])} in TUNED_DIR, "
+                            f"{base.layout[name][0]} {list(base.layout[name][1])} in BASE_DIR")
+    weights = weights_from_args(args, base.layout)
+
+    def tensor_for(name):
+        a = taia.weight_of(weights, name)
+        if a == 0 or a == 1:
+            return base.tensor(name) if a == 0 else tuned.tensor(name)
+        b, t = base.tensor(name), tuned.tensor(name)  # in float32: a bf16 difference would lose bits
+        return (b.float() + a * (t.float() - b.float())).to(b.dtype)
+
+    # The config and tokenizer of the fine-tuned model: its chat template and special tokens are the
+    # ones the tuned attention learned.
+    write_model_dir(args.out_dir, args.tuned_dir, base, tensor_for)
+    print(f"wrote {args.out_dir}: {describe(weights, base.layout)}")
+
+
+# ---- lora: a base and a PEFT adapter ------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."  # PEFT's names: base_model.model.<module>.lora_A.weight / .lora_B.weight
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """adapter_config.json as PEFT writes it, with what this merge honours checked: a plain LoRA
+    (r, lora_alpha, use_rslora, target_modules, fan_in_fan_out); the variants it does not merge refused."""
+    if not os.path.isdir(adapter_dir):
+        raise UserError(f"ADAPTER_DIR {adapter_dir}: no such directory")
+    config = read_json(os.path.join(adapter_dir, ADAPTER_CONFIG), f"ADAPTER_DIR {adapter_dir}")
+    what = f"ADAPTER_DIR: {ADAPTER_CONFIG}"
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{what}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not (isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)) and not isinstance(alpha, bool)):
+        raise UserError(f"{what}: r must be a positive integer and lora_alpha a number, not {r!r} and {alpha!r}")
+    target = config.get("target_modules")
+    if not (isinstance(target, str) or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
+        raise UserError(f"{what}: target_modules must be a list of module names or a regular expression")
+    if isinstance(target, str):
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise UserError(f"{what}: target_modules {target!r} is not a regular expression ({e})") from None
+    # Variants whose merge is more than W + B A * scale (or that train more than the adapters).
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "modules_to_save", "layer_replication",
+                "target_parameters"):
+        if config.get(key):
+            raise UserError(f"{what}: {key} = {config[key]!r} is not supported here (plain LoRA adapters only)")
+    if config.get("bias", "none") != "none":
+        raise UserError(f"{what}: bias = {config['bias']!r} (trained biases) is not supported here")
+    return config
+
+
+def targeted(module: str, target_modules) -> bool:
+    """PEFT's rule: a string is a regular expression the whole module name must match; a list names
+    modules by their last names ('q_proj' targets 'model.layers.0.self_attn.q_proj')."""
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def read_adapters(adapter_dir: str, config: dict, base: Safetensors) -> tuple[Safetensors, dict]:
+    """{base weight name: module name in the adapter file} for every adapted layer, checked against
+    the adapter config and the base's shapes."""
+    if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
+        raise UserError(f"ADAPTER_DIR {adapter_dir} has no {ADAPTER_WEIGHTS}: only safetensors are read")
+    adapter = Safetensors(adapter_dir, [ADAPTER_WEIGHTS], "ADAPTER_DIR")
+    modules = {}
+    for name in adapter.layout:
+        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_[AB]\.weight", name)
+        if match is None:
+            raise UserError(f"ADAPTER_DIR: {name} is not a LoRA matrix (base_model.model.<module>.lora_A.weight)")
+        modules[match.group(1) + ".weight"] = match.group(1)
+    r, fan_in_fan_out = config["r"], config.get("fan_in_fan_out", False)
+    for weight, module in modules.items():
+        a_name, b_name = (f"{PEFT_PREFIX}{module}.lora_{x}.weight" for x in "AB")
+        if a_name not in adapter.layout or b_name not in adapter.layout:
+            raise UserError(f"ADAPTER_DIR: {module} has lora_A or lora_B but not both")
+        if weight not in base.layout:
+            raise UserError(f"ADAPTER_DIR: the adapted layer {module} has no weight {weight} in BASE_DIR")
+        if not targeted(module, config["target_modules"]):
+            raise UserError(f"ADAPTER_DIR: {module} has an adapter but is not in target_modules "
+                            f"{config['target_modules']!r}")
+        group_of(weight, "ADAPTER_DIR")
+        (_, a_shape), (_, b_shape), (_, w_shape) = adapter.layout[a_name], adapter.layout[b_name], base.layout[weight]
+        out_in = w_shape[::-1] if fan_in_fan_out else w_shape  # GPT-2's Conv1D stores (in, out)
+        if len(w_shape) != 2 or a_shape != (r, out_in[1]) or b_shape != (out_in[0], r):
+            raise UserError(f"ADAPTER_DIR: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not fit "
+                            f"r = {r} and the base weight {list(w_shape)}"
+                            f"{' (fan_in_fan_out)' if fan_in_fan_out else ''}")
+    return adapter, modules
+
+
+def lora(args):
+    check_out_dir(args.out_dir, [args.base_dir, args.adapter_dir])
+    _, base = open_model_dir(args.base_dir, "BASE_DIR")
+    config = read_adapter_config(args.adapter_dir)
+    adapter, modules = read_adapters(args.adapter_dir, config, base)
+    weights = weights_from_args(args, base.layout)
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r  # rsLoRA: alpha / sqrt(r)
+
+    def tensor_for(name):
+        w = base.tensor(name)
+        a = taia.weight_of(weights, name)
+        if name not in modules or a == 0:
+            return w
+        lora_a, lora_b = (adapter.tensor(f"{PEFT_PREFIX}{modules[name]}.lora_{x}.weight").float() for x in "AB")
+        delta = (lora_b @ lora_a) * scale  # as PEFT merges: W + B A * scale (transposed for fan_in_fan_out)
+        delta = delta.T if config.get("fan_in_fan_out", False) else delta
+        return (w.float() + a * delta).to(w.dtype)
+
+    write_model_dir(args.out_dir, args.base_dir, base, tensor_for)
+    merged = [taia.group_of(n) for n in modules if taia.weight_of(weights, n) != 0]
+    dropped = [taia.group_of(n) for n in modules if taia.weight_of(weights, n) == 0]
+    print(f"wrote {args.out_dir}: merged {len(merged)} adapters ({', '.join(sorted(set(merged))) or 'none'}), "
+          f"dropped {len(dropped)} ({', '.join(sorted(set(dropped))) or 'none'}), scale {scale:g}")
+
+
+def main():
+    p = OneLineParser(description="\n\n".join(__doc__.split("\n\n")[:2]), prog="taia_hf.py",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True, metavar="{full,lora}", parser_class=OneLineParser)
+    full_p = commands.add_parser("full", help="BASE_DIR + a fully fine-tuned TUNED_DIR -> OUT_DIR")
+    full_p.add_argument("base_dir", metavar="BASE_DIR", help="the pretrained model (a Hugging Face directory)")
+    full_p.add_argument("tuned_dir", metavar="TUNED_DIR", help="the same architecture after full fine-tuning; "
+                        "OUT_DIR gets its config and tokenizer files")
+    lora_p = commands.add_parser("lora", help="BASE_DIR + a PEFT LoRA ADAPTER_DIR -> OUT_DIR")
+    lora_p.add_argument("base_dir", metavar="BASE_DIR", help="the model the adapter was trained on; OUT_DIR gets "
+                        "its config and tokenizer files")
+    lora_p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter_config.json + adapter_model.safetensors")
+    for sub in (full_p, lora_p):
+        sub.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder for the result")
+        sub.add_argument("--mode", default="taia", choices=taia.MODES, help="which groups come from the "
+                         "fine-tune (default: taia, all but the FFN; with lora: the attention adapters)")
+        sub.add_argument("--weights", metavar="GROUP=A,...", help="instead of --mode, any point between base "
+                         "and tuned per group, e.g. attention=1,ffn=0.5 (groups not named stay tuned)")
+    full_p.add_argument("--others", default="tuned", choices=("tuned", "base"), help="with --mode taia or taif: "
+                        "norms, embeddings and head from the fine-tune (default, as the authors) or the base")
+    lora_p.set_defaults(others="tuned")
+    args = p.parse_args()
+    full(args) if args.command == "full" else lora(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
