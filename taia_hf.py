@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,25 +42,27 @@ class Safetensors:
     files' headers at once, a tensor's bytes only when `tensor(name)` asks for them."""
 
     def __init__(self, folder: str, files: list[str], what: str):
-        self.folder = folder
-        self.handles, self.file_of, self.layout = {}, {}, {}  # layout: name -> (dtype, shape)
+        self.folder, self.files = folder, files
+        self.file_of, self.layout = {}, {}  # layout: name -> (dtype, shape)
         for file in files:
             path = os.path.join(folder, file)
             if not os.path.isfile(path):
                 raise UserError(f"{what} {folder}: {file} is missing")
             try:
-                handle = safe_open(path, framework="pt")
+                with safe_open(path, framework="pt") as handle:
+                    for name in handle.keys():
+                        if name in self.file_of:
+                            raise UserError(f"{what} {folder}: {name} is in both {self.file_of[name]} and {file}")
+                        info = handle.get_slice(name)
+                        self.file_of[name], self.layout[name] = file, (info.get_dtype(), tuple(info.get_shape()))
             except SafetensorError as e:  # not a safetensors file, truncated, a broken header
                 raise UserError(f"{what} {path}: not a readable safetensors file ({e})") from None
-            self.handles[file] = handle
-            for name in handle.keys():
-                if name in self.file_of:
-                    raise UserError(f"{what} {folder}: {name} is in both {self.file_of[name]} and {file}")
-                info = handle.get_slice(name)
-                self.file_of[name], self.layout[name] = file, (info.get_dtype(), tuple(info.get_shape()))
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self.handles[self.file_of[name]].get_tensor(name)
+        # One handle per tensor: safe_open maps the whole file, and every page read through a handle
+        # stays in memory while the handle is open; a tensor of its own keeps only its own pages.
+        with safe_open(os.path.join(self.folder, self.file_of[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 def read_json(path: str, what: str) -> dict:
@@ -117,7 +118,7 @@ def write_like(out_dir: str, base: Safetensors, tensor_for):
     base's shard index, if it has one, is copied: it still names the right shard for every tensor."""
     if os.path.isfile(os.path.join(base.folder, INDEX)):
         shutil.copy2(os.path.join(base.folder, INDEX), os.path.join(out_dir, INDEX))
-    for file in base.handles:
+    for file in base.files:
         with open(os.path.join(base.folder, file), "rb") as f:
             header_bytes = f.read(8)
             header_bytes += f.read(struct.unpack("<Q", header_bytes)[0])
@@ -153,7 +154,11 @@ def write_model_dir(out_dir: str, files_from: str, base: Safetensors, tensor_for
     error (or a kill) midway leaves no half-written model under OUT_DIR."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     make_dir(parent)
-    tmp = tempfile.mkdtemp(prefix=".taia_hf-", dir=parent)
+    tmp = os.path.join(parent, f".taia_hf-{os.path.basename(os.path.abspath(out_dir))}-{os.getpid()}")
+    try:
+        os.mkdir(tmp)
+    except OSError as e:  # FileExistsError included: a folder of that name is not ours to reuse
+        raise UserError(f"cannot create the folder {tmp}: {e.strerror or e}") from None
     try:
         copy_other_files(files_from, tmp)
         write_like(tmp, base, tensor_for)
@@ -219,8 +224,9 @@ def full(args):
         a = taia.weight_of(weights, name)
         if a == 0 or a == 1:
             return base.tensor(name) if a == 0 else tuned.tensor(name)
-        b, t = base.tensor(name), tuned.tensor(name)  # in float32: a bf16 difference would lose bits
-        return (b.float() + a * (t.float() - b.float())).to(b.dtype)
+        b, t = base.tensor(name), tuned.tensor(name)
+        b32 = b.float()  # in float32: a bf16 difference would lose bits
+        return (t.float() - b32).mul_(a).add_(b32).to(b.dtype)  # b + a * (t - b), in one new tensor
 
     # The config and tokenizer of the fine-tuned model: its chat template and special tokens are the
     # ones the tuned attention learned.
@@ -320,7 +326,7 @@ def lora(args):
         lora_a, lora_b = (adapter.tensor(f"{PEFT_PREFIX}{modules[name]}.lora_{x}.weight").float() for x in "AB")
         delta = (lora_b @ lora_a) * scale  # as PEFT merges: W + B A * scale (transposed for fan_in_fan_out)
         delta = delta.T if config.get("fan_in_fan_out", False) else delta
-        return (w.float() + a * delta).to(w.dtype)
+        return delta.mul_(a).add_(w.float()).to(w.dtype)  # w + a * delta, in the delta's memory
 
     write_model_dir(args.out_dir, args.base_dir, base, tensor_for)
     merged = [taia.group_of(n) for n in modules if taia.weight_of(weights, n) != 0]

@@ -3,12 +3,13 @@ random models built from transformers' own configs (no download), and taia_hf.py
 fine-tune, or a base + PEFT LoRA adapter, into a TAIA directory that transformers loads."""
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
 
 import taia
-from helpers import assert_one_line_error, needs_transformers, run, transformers
+from helpers import assert_one_line_error, needs_transformers, run, start, transformers
 
 pytestmark = needs_transformers
 
@@ -204,56 +205,55 @@ def dirs(tmp_path_factory):
     return path
 
 
-def check_refused(dirs, tmp_path, args, expected):
-    out = tmp_path / "out"
-    assert_one_line_error(run("taia_hf.py", *args(out)), expected)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".taia_hf")]
-
-
-def test_full_refuses_bad_directories(dirs, tmp_path):
+def refused_cases(dirs, tmp_path):
+    """(arguments, expected words) of bad inputs; every case writes its own OUT_DIR, tmp_path/out_<i>."""
+    from safetensors.torch import load_file, save_file
     broken = shutil.copytree(dirs / "tuned", tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text("{}")
-    cases = [
-        (lambda out: ("full", dirs / "base", dirs / "other", out), "not the same architecture"),
-        (lambda out: ("full", dirs / "base", broken, out), "not a readable safetensors file"),
-        (lambda out: ("full", dirs / "base", no_weights, out), "only safetensors are read"),
-        (lambda out: ("full", dirs / "base", dirs / "tuned", dirs / "base"), "one of the input directories"),
-        (lambda out: ("full", dirs / "base", dirs / "tuned", dirs), "not empty"),
-        (lambda out: ("full", dirs / "base", dirs / "tuned", out, "--weights", "experts=1"), "unknown groups"),
-    ]
-    for args, expected in cases:
-        check_refused(dirs, tmp_path, args, expected)
-
-
-def test_full_refuses_tensors_that_do_not_match(dirs, tmp_path):
-    from safetensors.torch import load_file, save_file
+    cases = [(("full", dirs / "base", dirs / "other"), "not the same architecture"),
+             (("full", dirs / "base", broken), "not a readable safetensors file"),
+             (("full", dirs / "base", no_weights), "only safetensors are read"),
+             (("full", dirs / "base", dirs / "tuned", "--weights", "experts=1"), "unknown groups")]
     state = load_file(dirs / "tuned" / "model.safetensors")
-    for name, change in (("shape", lambda s: {**s, "model.norm.weight": torch.ones(3)}),
-                         ("group", lambda s: {**s, "model.layers.0.mlp.router.weight": torch.ones(3)})):
+    for name, changed, expected in (("shape", {**state, "model.norm.weight": torch.ones(3)}, "[3] in TUNED_DIR"),
+                                    ("group", {**state, "model.layers.0.mlp.router.weight": torch.ones(3)},
+                                     "cannot tell which group")):
         bad = shutil.copytree(dirs / "tuned", tmp_path / name)
-        save_file(change(state), bad / "model.safetensors", metadata={"format": "pt"})
-        expected = {"shape": "[3] in TUNED_DIR", "group": "cannot tell which group"}[name]
-        check_refused(dirs, tmp_path, lambda out: ("full", dirs / "base", bad, out), expected)
+        save_file(changed, bad / "model.safetensors", metadata={"format": "pt"})
+        cases.append((("full", dirs / "base", bad), expected))
 
-
-def test_lora_refuses_bad_adapters(dirs, tmp_path):
-    from safetensors.torch import save_file
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
-    a, b = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", \
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    a, b = (f"base_model.model.model.layers.0.self_attn.q_proj.lora_{x}.weight" for x in "AB")
     good = {a: torch.ones(2, 32), b: torch.ones(32, 2)}
-    cases = [({**config, "use_dora": True}, good, "use_dora"),
-             ({**config, "target_modules": ["k_proj"]}, good, "not in target_modules"),
-             (config, {a: torch.ones(3, 32), b: torch.ones(32, 3)}, "do not fit r = 2"),
-             (config, {**good, "base_model.model.lm_head.weight": torch.ones(100, 32)}, "not a LoRA matrix")]
-    for adapter_config, tensors, expected in cases:
-        (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    for i, (adapter_config, tensors, expected) in enumerate((
+            ({**config, "use_dora": True}, good, "use_dora"),
+            ({**config, "target_modules": ["k_proj"]}, good, "not in target_modules"),
+            (config, {a: torch.ones(3, 32), b: torch.ones(32, 3)}, "do not fit r = 2"),
+            (config, {**good, "base_model.model.lm_head.weight": torch.ones(100, 32)}, "not a LoRA matrix"),
+            ("{not json", good, "not valid JSON"))):
+        adapter = tmp_path / f"adapter_{i}"
+        adapter.mkdir()
+        text = adapter_config if isinstance(adapter_config, str) else json.dumps(adapter_config)
+        (adapter / "adapter_config.json").write_text(text)
         save_file(tensors, adapter / "adapter_model.safetensors")
-        check_refused(dirs, tmp_path, lambda out: ("lora", dirs / "base", adapter, out), expected)
-    (adapter / "adapter_config.json").write_text("{not json")
-    check_refused(dirs, tmp_path, lambda out: ("lora", dirs / "base", adapter, out), "not valid JSON")
+        cases.append((("lora", dirs / "base", adapter), expected))
+    return cases
+
+
+def test_bad_input_is_one_line_and_writes_nothing(dirs, tmp_path):
+    cases = [((*args[:3], tmp_path / f"out_{i}", *args[3:]), expected)
+             for i, (args, expected) in enumerate(refused_cases(dirs, tmp_path))]
+    cases += [(("full", dirs / "base", dirs / "tuned", dirs / "base"), "one of the input directories"),
+              (("full", dirs / "base", dirs / "tuned", dirs), "not empty")]
+    # Two at a time (one per core): each case is mostly the second it takes to import torch.
+    for pair in (cases[i:i + 2] for i in range(0, len(cases), 2)):
+        running = [(start("taia_hf.py", *args), expected) for args, expected in pair]
+        for process, expected in running:
+            stdout, stderr = process.communicate(timeout=120)
+            assert_one_line_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+                                  expected)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out_", ".taia_hf"))]
+    assert sorted(p.name for p in dirs.iterdir()) == ["base", "other", "tuned"]
