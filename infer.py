@@ -10,6 +10,7 @@ norm, embedding, head).
 """
 import argparse
 import os
+import sys
 from dataclasses import asdict, fields
 
 import torch
@@ -312,6 +313,20 @@ def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temp
     return sp.decode(new)
 
 
+def compile_decoding(model: Transformer):
+    """--compile: Transformer.compile_decoding, tried at once on a short prompt. Where torch.compile cannot
+    build its kernels (a CPU machine without a C++ compiler, say), decoding stays eager: slower, same tokens."""
+    model.compile_decoding()
+    device = next(model.parameters()).device
+    try:
+        model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), 2)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        model.compiled_step = None
+        first_line = str(e.inner_exception).strip().splitlines()[0] if str(e.inner_exception).strip() else ""
+        print(f"--compile: torch.compile failed ({type(e.inner_exception).__name__}: {first_line[:200]}); "
+              "decoding without it", file=sys.stderr)
+
+
 # ---- the program --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -339,6 +354,9 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds sampling when --temperature > 0")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda (default: auto)")
+    p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step with a static KV "
+                   "cache (same tokens, several times faster at batch 1 once compiled; without a working compiler "
+                   "it says so and decodes as usual)")
     args = p.parse_args(argv)
     if not args.prompt and not args.eval:
         p.error("give --prompt TEXT or --eval FILE.jsonl")
@@ -363,6 +381,8 @@ def main(argv=None):
             write_json(args.json, {"results": results})  # {"answer"|"exact": {set: {mode: accuracy}}}
     for mode in args.modes if args.prompt else []:
         model = run.build(mode, args.device)
+        if args.compile:
+            compile_decoding(model)
         for prompt in args.prompt:
             text = generate_text(model, run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                                  run.template)

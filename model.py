@@ -89,6 +89,7 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of past positions for incremental decoding, preallocated for `max_len`.
     Passed into `Transformer.forward`; the model holds no decoding state of its own."""
+    static = False  # see StaticKVCache
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -102,6 +103,24 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """The same cache with shapes that never change, for a compiled decode step (as gpt-fast does):
+    `pos` is a tensor, new keys are written in place at it, and attention reads the whole buffer with a
+    mask over the positions not written yet. torch.compile then traces one graph for every step; the
+    growing slices of KVCache would give it a new shape, and a recompile, at each token."""
+    static = True
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        super().__init__(cfg, batch_size, max_len, device, dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, layer: int, k, v):
+        where = self.pos + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, where, k)
+        self.v[layer].index_copy_(2, where, v)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -127,10 +146,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         # Grouped-query attention: enable_gqa lets each key/value head serve n_heads // n_kv_heads query
         # heads without copying it that many times (the copy would cost a whole cache's worth per token).
-        if past == 0 or T == 1:  # a fresh sequence is plainly causal; one new token sees every key
+        if cache is None or not cache.static and (past == 0 or T == 1):
+            # a fresh sequence is plainly causal; one new token sees every key there is
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:  # new queries sit after `past` cached positions: query i sees keys 0 .. past + i
-            mask = torch.arange(past + T, device=x.device) <= past + torch.arange(T, device=x.device)[:, None]
+            mask = torch.arange(k.shape[2], device=x.device) <= past + torch.arange(T, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -177,46 +197,61 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.compiled_step = None  # set by compile_decoding()
         init_weights(self)
 
     def forward(self, tokens, cache: KVCache | None = None):
         """tokens (B, T) -> logits (B, T, vocab_size), float32. With a cache, tokens continue it."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
+        if not torch.is_tensor(start) and start + T > self.cfg.max_seq_len:  # (a static cache's size checks it)
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens)
-        cos = self.rope_cos[start:start + T].to(x.dtype)
-        sin = self.rope_sin[start:start + T].to(x.dtype)
+        positions = start + torch.arange(T, device=tokens.device)
+        cos = self.rope_cos[positions].to(x.dtype)
+        sin = self.rope_sin[positions].to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x)).float()
 
+    def compile_decoding(self):
+        """Compile one decode step, a single new token through every layer against a StaticKVCache (one
+        fixed-shape graph, as gpt-fast does): generate() then runs the prompt as usual and every new token
+        through that graph, which at batch 1 saves most of the per-operator overhead that dominates it.
+        The compiler runs at the first step; a machine without one fails there."""
+        self.compiled_step = torch.compile(self.forward, fullgraph=True, dynamic=False)
+        return self
+
     @torch.inference_mode()
     def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  eos_id: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
         """Continue tokens (B, T); return (B, T + new) with the prompt and the continuation.
         temperature 0 is greedy. Once every row has produced eos_id, decoding stops early; rows that
-        finished sooner are padded with eos_id."""
+        finished sooner are padded with eos_id. After compile_decoding(), the cached steps are compiled."""
         B, T = tokens.shape
         total = T + max_new_tokens
         if total > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_seq_len {self.cfg.max_seq_len}")
-        cache = KVCache(self.cfg, B, total, tokens.device, self.embed.weight.dtype) if use_cache else None
+        compiled = use_cache and self.compiled_step is not None
+        cache_type = StaticKVCache if compiled else KVCache
+        # A static cache always holds max_seq_len positions: one shape, so one compiled graph, for any prompt.
+        cache_len = self.cfg.max_seq_len if compiled else total
+        cache = cache_type(self.cfg, B, cache_len, tokens.device, self.embed.weight.dtype) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        out = tokens
-        for _ in range(max_new_tokens):
-            # With a cache only the newest token goes in; without one, recompute the whole sequence.
-            step_input = out if cache is None or cache.pos == 0 else out[:, -1:]
-            logits = self(step_input, cache)[:, -1]
+        out = step_input = tokens
+        for i in range(max_new_tokens):
+            forward = self.compiled_step if compiled and i > 0 else self  # the prompt goes through eagerly
+            logits = forward(step_input, cache)[:, -1]
             nxt = sample(logits, temperature, top_k, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             out = torch.cat([out, nxt[:, None]], dim=1)
+            # With a cache only the newest token goes in next; without one, the whole sequence again.
+            step_input = nxt[:, None] if cache is not None else out
             if eos_id is not None and bool(done.all()):
                 break
         return out

@@ -26,10 +26,10 @@ def command(program: str, *args, launcher=(sys.executable,)) -> list[str]:
     return [*launcher, str(ROOT / program), *map(str, args)]
 
 
-def run(program: str, *args, cwd=None, launcher=(sys.executable,), timeout=300) -> subprocess.CompletedProcess:
-    """Run train.py / infer.py / tools/bench.py to the end and capture what it printed."""
+def run(program: str, *args, cwd=None, launcher=(sys.executable,), timeout=300, env=None) -> subprocess.CompletedProcess:
+    """Run train.py / infer.py / tools/bench.py to the end and capture what it printed (env: in place of ENV)."""
     return subprocess.run(command(program, *args, launcher=launcher), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+                          timeout=timeout, env=env or ENV)
 
 
 def start(program: str, *args) -> subprocess.Popen:

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from helpers import ROOT, TINY, assert_one_line_error, run, write
+from helpers import ENV, ROOT, TINY, assert_one_line_error, run, write
 
 TINY = [*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"]
 
@@ -15,6 +15,19 @@ def trained(tmp_path_factory):
     result = run("train.py", "--out_dir", out, *TINY, cwd=out.parent)
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_infer_compile_answers_as_eager_decoding_and_falls_back_without_a_compiler(trained, tmp_path):
+    prompts = ["--prompt", "the", "--prompt", "a b c d e f", "--modes", "base,taia", "--max_new_tokens", "12"]
+    eager = run("infer.py", "--out_dir", trained, *prompts)
+    assert eager.returncode == 0 and len(eager.stdout.splitlines()) == 4, eager.stderr
+    compiled = run("infer.py", "--out_dir", trained, *prompts, "--compile")
+    assert compiled.returncode == 0 and compiled.stdout == eager.stdout, compiled.stderr
+    # No C++ compiler (and an empty kernel cache, so nothing compiled before can stand in for one).
+    no_compiler = {**ENV, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    fallback = run("infer.py", "--out_dir", trained, *prompts, "--compile", env=no_compiler)
+    assert fallback.returncode == 0 and fallback.stdout == eager.stdout, fallback.stderr
+    assert "--compile: torch.compile failed" in fallback.stderr and "decoding without it" in fallback.stderr
 
 
 def test_infer_rejects_bad_input(trained, tmp_path):
@@ -108,6 +121,8 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--dtype", "float16", "--device", "cpu"], "needs --device cuda"),
         (["--save_interval", "-1"], "--save_interval"),
         (["--peak_tflops", "0"], "--peak_tflops"),
+        (["--threads", "0"], "--threads"),
+        (["--threads", "many"], "--threads"),
         (["--init_from", tmp_path, "--stage", "pretrain"], "replaces pretraining"),
         (["--init_from", tmp_path / "nowhere", "--finetune", good_jsonl, "--eval", good_jsonl], "no such directory"),
         # Inputs that later stages read are checked before pretraining starts.

@@ -7,7 +7,7 @@ import torch
 
 from common import save_hf
 from helpers import needs_transformers, transformers
-from model import KVCache, ModelConfig, Transformer, apply_rope, flops_per_token, hf_to_ours, ours_to_hf, param_groups
+from model import KVCache, ModelConfig, StaticKVCache, Transformer, apply_rope, flops_per_token, hf_to_ours, ours_to_hf, param_groups
 
 
 def tiny_hf(tie: bool, seed: int = 0):
@@ -111,6 +111,34 @@ def test_kv_cache_logits_match_full_recomputation():
         cache = KVCache(model.cfg, 2, 20)
         chunks = [model(tokens[:, :7], cache), model(tokens[:, 7:8], cache), model(tokens[:, 8:20], cache)]
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+
+
+def test_a_static_cache_gives_the_tokens_of_the_growing_one():
+    """StaticKVCache (fixed shapes, a position tensor, masked attention over the whole buffer) is what the
+    compiled decode step runs on; run eagerly through it, it must decode exactly as KVCache does."""
+    model = small_model(seed=4)
+    prompt = torch.randint(0, 50, (3, 6))
+    growing = model.generate(prompt, max_new_tokens=25, eos_id=7)
+    model.compiled_step = model.forward  # the static-cache path, without the compiler
+    assert torch.equal(model.generate(prompt, max_new_tokens=25, eos_id=7), growing)
+    cache = StaticKVCache(model.cfg, 3, model.cfg.max_seq_len)
+    with torch.no_grad():
+        chunks = [model(prompt[:, :4], cache), model(prompt[:, 4:5], cache), model(prompt[:, 5:], cache)]
+        assert torch.allclose(torch.cat(chunks, dim=1), model(prompt), atol=1e-5)
+    assert int(cache.pos) == 6
+
+
+def test_compiled_decoding_gives_the_eager_tokens():
+    model = small_model(seed=5)
+    prompts = [torch.randint(0, 50, (1, n)) for n in (5, 9)]  # two lengths: one graph serves both
+    eager = [model.generate(p, max_new_tokens=20) for p in prompts]
+    model.compile_decoding()
+    try:
+        compiled = [model.generate(p, max_new_tokens=20) for p in prompts]
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        pytest.skip(f"torch.compile cannot build kernels here: {e.inner_exception}")
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
 
 
 def test_cached_and_uncached_generation_give_identical_tokens():
