@@ -30,9 +30,9 @@ from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_temp
                        read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
 from infer import FinishedRun, accuracies, load_base, parse_modes, print_results, read_eval_sets
-from machinery import (DTYPES, Progress, StopRequest, TrainingState, agree, barrier, check_finite, close_distributed,
-                       cosine_lr, gradient_sync, init_distributed, is_main, log, mixed_precision, my_micro_batches,
-                       process_name, set_lr, state_path, sum_over_processes, wrap_for_training)
+from machinery import (DTYPES, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier, check_finite,
+                       close_distributed, cosine_lr, gradient_sync, init_distributed, is_main, log, mixed_precision,
+                       my_micro_batches, process_name, set_lr, state_path, sum_over_processes, wrap_for_training)
 from model import PRESETS, ModelConfig, Transformer, param_groups
 
 TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
@@ -93,6 +93,10 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", *DTYPES],
       help="autocast precision; weights stay float32 (auto: bfloat16 on GPU, float32 on CPU; float16 adds a "
            "gradient scaler and needs a GPU)")
+    a("--threads", default="auto", type=threads_arg,
+      help="CPU threads per process (default auto: time one micro-batch at 1, 2, 4 ... threads up to the cores "
+           "and keep the fastest count that gives bit-identical numbers; torch's own default, a thread per core, "
+           "can be 2x slower on a model this small)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--resume", action="store_true", help="continue from OUT/<stage>_state.pt; skip stages already finished")
     a("--save_interval", type=int, default=200, help="save a resumable checkpoint every N steps (0: only on Ctrl-C)")
@@ -122,6 +126,14 @@ def parse_args(argv=None):
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
+
+
+def threads_arg(text: str):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of threads (at least 1) or auto")
+    return int(text)
 
 
 def check_inputs(args):
@@ -161,19 +173,29 @@ def main(argv=None):
 
 def run(args, out_dir: str, seed: int) -> dict | None:
     """The stages --stage asks for, in order; returns the eval report when eval ran."""
-    started = time.time()
+    started, seconds = time.time(), {}  # seconds: each stage's wall time, for the line at the end
     if is_main(args):
         make_dir(out_dir)
     barrier(args)
     if args.stage in ("all", "data", "pretrain"):
-        stage_data(args, out_dir, seed)  # skipped when the files are already there
+        timed(seconds, "data", stage_data, args, out_dir, seed)  # skipped when the files are already there
     if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain"):
-        stage_pretrain(args, out_dir, seed)
+        timed(seconds, "pretrain", stage_pretrain, args, out_dir, seed)
     if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune"):
-        stage_finetune(args, out_dir, seed)
+        timed(seconds, "finetune", stage_finetune, args, out_dir, seed)
+    report = None
     if args.stage in ("all", "eval"):
-        return stage_eval(args, out_dir, started)
-    return None
+        report = timed(seconds, "eval", stage_eval, args, out_dir, started)
+    log(args, "wall time: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items())
+        + f", total {time.time() - started:.1f} s")
+    return report
+
+
+def timed(seconds: dict, stage: str, stage_fn, *stage_args):
+    started = time.time()
+    result = stage_fn(*stage_args)
+    seconds[stage] = time.time() - started
+    return result
 
 
 # ---- the stages -------------------------------------------------------------------------------------
@@ -296,6 +318,7 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     autocast, scaler = mixed_precision(args)
     trained = wrap_for_training(model, args)  # compiled and/or DDP; `model` stays the raw module we save
+    threads = ThreadTuner(model, batches, args, stage)  # CPU: the fastest thread count (same numbers with any)
     state = TrainingState(out_dir, stage, run_key, model, optimizer, scaler, batches, args)
     progress = Progress(model, args, stage, state.resume(steps), steps)
     model.train()
@@ -304,6 +327,7 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             step_lr = set_lr(optimizer, cosine_lr(step, steps, lr, warmup=max(1, steps // 20)))
             state.before_batch()
             inputs, targets = batches.next()
+            threads.next_step(step, inputs)
             n_targets = int((targets != -100).sum())
             mine = my_micro_batches(inputs, targets, args.micro_batch, args.rank, args.world_size)
             loss = 0.0

@@ -12,9 +12,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from helpers import TINY, TORCHRUN_2, run
+from helpers import ENV, TINY, TORCHRUN_2, run
 from helpers import start as start_program
-from machinery import my_micro_batches
+from machinery import cores_per_process, my_micro_batches
 
 
 def train(*args, launcher=(sys.executable,)):
@@ -178,3 +178,26 @@ def test_compiled_training_saves_plain_parameter_names(tmp_path):
     assert result.returncode == 0, result.stderr
     names = list(weights(out / "base.pt"))
     assert "embed.weight" in names and not any("_orig_mod" in n or n.startswith("module.") for n in names)
+
+
+def test_threads_auto_tunes_the_count_and_changes_no_number(tmp_path):
+    """--threads auto switches between thread counts while training; the weights must come out exactly as
+    with one thread throughout (the tuner only uses counts it found to give bit-identical gradients)."""
+    if cores_per_process() < 2:
+        pytest.skip("one core: there is nothing to tune")
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # auto honours OMP_NUM_THREADS when set
+    flags = [*TINY, "--pretrain_steps", "30", "--finetune_steps", "25", "--modes", "base,taia"]
+    auto = run("train.py", "--out_dir", tmp_path / "auto", *flags, "--threads", "auto", env=env)
+    assert auto.returncode == 0, auto.stderr
+    one = run("train.py", "--out_dir", tmp_path / "one", *flags, "--threads", "1", env=env)
+    assert one.returncode == 0, one.stderr
+    assert "pretrain: 1 thread per process, 1 process (--threads)" in one.stdout
+    tuned = [line for line in auto.stdout.splitlines() if "per process" in line]
+    if "would change the numbers" in tuned[0]:
+        pytest.skip(f"this machine's kernels give other numbers with other thread counts: {tuned[0]}")
+    assert tuned[0].startswith("pretrain: 1 or 2") and "tuned while training" in tuned[0], tuned
+    used = {line.rsplit(" threads ", 1)[1] for line in auto.stdout.splitlines() if " ms/step " in line}
+    assert used <= {"1", "2"} and used, auto.stdout  # the log line says which count the step ran with
+    for name in ("base.pt", "finetuned.pt"):
+        assert_same_weights(weights(tmp_path / "auto" / name), weights(tmp_path / "one" / name))
+    assert "wall time: data" in auto.stdout and ", total " in auto.stdout
