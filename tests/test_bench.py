@@ -35,6 +35,9 @@ def check_figures(results, with_hf: bool):
     for figures in decode.values():
         assert positive(figures["tokens_per_s"]["ours_cached"]) and positive(figures["tokens_per_s"]["ours_uncached"])
         assert positive(figures["cached_over_uncached"])
+        if figures["compile_error"] is None:  # the compiled decode step decodes the eager tokens, faster or not
+            assert positive(figures["tokens_per_s"]["ours_compiled"]) and figures["compiled_differs_from"] is None
+    assert results["cpu"] and results["cpu"].endswith("cores")
     assert all(positive(taia["ms"][k]) for k in ("plain_copy", "snapshot", "rebuild"))
     # 1 layer x (gate + up + down) of 32 x 48 float32 weights, counted from the modules themselves.
     assert taia["ffn_tensors"] == 3 and taia["snapshot_bytes"] == taia["ffn_bytes"] == 3 * 32 * 48 * 4
@@ -65,8 +68,20 @@ def test_bench_runs_without_transformers(monkeypatch, capsys):
     assert "not installed" in capsys.readouterr().out
 
 
+def test_train_run_times_every_stage_of_the_real_train_py_per_contender(capsys):
+    tiny_run = ("--dim 32 --n_layers 1 --hidden_dim 64 --seq_len 32 --batch_tokens 512 --micro_batch 8 "
+                "--finetune_batch 8 --pretrain_steps 3 --finetune_steps 2 --modes base,taia")
+    runs = bench.main(["--train_run", "auto,1", "--train_args", tiny_run])
+    assert list(runs) == ["auto", "1"]
+    for run in runs.values():
+        assert set(run["seconds"]) == {"data", "pretrain", "finetune", "eval", "total"}
+        assert all(s >= 0 for s in run["seconds"].values()) and run["same_results"]
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ") and "train.py --threads 1" in out
+
+
 @pytest.mark.parametrize("flags", [["--dim", "0"], ["--repeats", "x"], ["--dim", "30", "--n_heads", "4"],
-                                   ["--decode_batches", "1,-8"], ["--device", "tpu"]])
+                                   ["--decode_batches", "1,-8"], ["--device", "tpu"], ["--train_run", "3x"]])
 def test_bad_flags_give_a_one_line_error_and_exit_2(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(flags)

@@ -19,9 +19,13 @@ transformers is only a development dependency: without it the Hugging Face colum
 "not installed" and everything else still runs.
 """
 import argparse
+import copy
+import json
 import math
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import taia  # noqa: E402
-from common import OneLineParser, run_cli, save_hf, write_json  # noqa: E402
+from common import OneLineParser, UserError, run_cli, save_hf, write_json  # noqa: E402
 from model import ModelConfig, Transformer, flops_per_token, param_groups  # noqa: E402
 
 MIN_SAMPLE_S = 0.02  # a timed sample shorter than this is mostly timer and scheduler noise
@@ -78,8 +82,17 @@ def parse_args(argv=None):
     a("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice, one per core)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "all"],
       help="where to run: auto = CUDA if present, else CPU (default); all = CPU, and CUDA if present")
+    a("--train_run", metavar="CONTENDERS", nargs="?", const=",".join(TRAIN_RUNS),
+      help="instead: time the default `python train.py` end to end, per stage, once per contender (comma-separated "
+           f"from {', '.join(TRAIN_RUNS)}; default all: minutes each), and check they give the same results")
+    a("--train_args", default="", metavar="ARGS", help="with --train_run: more train.py flags for every run")
     a("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = p.parse_args(argv)
+    if args.train_run is not None:
+        args.train_run = args.train_run.split(",")
+        unknown = sorted(set(args.train_run) - set(TRAIN_RUNS))
+        if unknown:
+            p.error(f"--train_run: unknown contender {unknown[0]!r} (choose from {', '.join(TRAIN_RUNS)})")
     try:
         args.cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                                hidden_dim=args.hidden_dim, vocab_size=args.vocab_size,
@@ -221,6 +234,7 @@ def bench_training(args, device: str, transformers) -> dict:
 def bench_decoding(args, device: str, transformers) -> dict:
     ours, hf = models(args.cfg, device, transformers, seed=1)
     ours.eval()
+    compiled, compile_error = compiled_copy(ours)
     if hf is not None:
         hf.eval()
         # No end-of-sequence token, so HF decodes every one of --new_tokens, as we do; min_new_tokens
@@ -232,6 +246,8 @@ def bench_decoding(args, device: str, transformers) -> dict:
         new = args.new_tokens
         contenders = {"ours_cached": lambda: ours.generate(prompt, new),
                       "ours_uncached": lambda: ours.generate(prompt, new, use_cache=False)}
+        if compiled is not None:
+            contenders["ours_compiled"] = lambda: compiled.generate(prompt, new)
         if hf is not None:
             # An explicit all-ones attention mask: left to itself, generate takes every prompt token
             # equal to pad_token_id for padding and masks it out.
@@ -245,10 +261,14 @@ def bench_decoding(args, device: str, transformers) -> dict:
         seconds = race(contenders, args, device)
         # Decoded tokens per second; the time includes the prompt's prefill, as a user waits for it too.
         tokens_per_s = {name: batch * new / seconds[name] if name in seconds else None
-                        for name in ("ours_cached", "ours_uncached", "hf")}
+                        for name in ("ours_cached", "ours_uncached", "ours_compiled", "hf")}
         results[f"batch_{batch}"] = {
             "tokens_per_s": tokens_per_s,
             "cached_over_hf": ratio(tokens_per_s["ours_cached"], tokens_per_s["hf"]),
+            "compiled_over_hf": ratio(tokens_per_s["ours_compiled"], tokens_per_s["hf"]),
+            "compile_error": compile_error,
+            "compiled_differs_from": first_difference(outputs["ours_cached"], outputs["ours_compiled"], args.prompt_len)
+                                     if compiled is not None else None,
             "cached_over_uncached": ratio(tokens_per_s["ours_cached"], tokens_per_s["ours_uncached"]),
             # Greedy decoding can part ways where two logits nearly tie and float rounding differs;
             # after that the continuations differ. None: identical throughout.
@@ -256,6 +276,17 @@ def bench_decoding(args, device: str, transformers) -> dict:
             "hf_differs_from": first_difference(outputs["ours_cached"], outputs["hf"], args.prompt_len)
                                 if hf is not None else None}
     return results
+
+
+def compiled_copy(ours):
+    """A second model with the same weights and its decode step compiled (Transformer.compile_decoding),
+    or (None, why) where torch.compile cannot build kernels here."""
+    compiled = copy.deepcopy(ours).compile_decoding()
+    try:
+        compiled.generate(torch.zeros(1, 1, dtype=torch.long, device=next(ours.parameters()).device), 2)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        return None, f"{type(e.inner_exception).__name__}: {str(e.inner_exception).strip()[:200]}"
+    return compiled, None
 
 
 def first_difference(a, b, prompt_len: int):
@@ -287,6 +318,48 @@ def bench_taia(args, device: str) -> dict:
             "snapshot_bytes": sum(t.nbytes for t in snap.values())}
 
 
+# ---- 4. the default run, end to end -----------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# How the CPU's cores can be used: train.py's default, the two fixed thread counts, two processes.
+TRAIN_RUNS = {"auto": ["--threads", "auto"], "1": ["--threads", "1"],
+              "cores": ["--threads", str(os.cpu_count())], "2x1": ["--threads", "1"]}
+
+
+def bench_train_runs(args) -> dict:
+    """Each contender runs the real train.py, alone, in a fresh directory; its "wall time:" line gives
+    the per-stage seconds, and its results.json is compared with the first contender's."""
+    runs, first = {}, None
+    for name in args.train_run:
+        with tempfile.TemporaryDirectory() as out:
+            launcher = TORCHRUN_2 if name == "2x1" else [sys.executable]
+            command = launcher + [os.path.join(ROOT, "train.py"), "--out_dir", out, *TRAIN_RUNS[name],
+                                  *args.train_args.split()]
+            started = time.time()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                raise UserError(f"--train_run {name}: train.py failed: {last}")
+            wall = [line for line in done.stdout.splitlines() if line.startswith("wall time: ")][-1]
+            stages = dict(part.rsplit(" ", 2)[:2] for part in wall[len("wall time: "):].split(", "))
+            with open(os.path.join(out, "results.json")) as f:
+                results = json.load(f)["results"]
+        first = first or results
+        runs[name] = {"command": " ".join(launcher[1:] + ["train.py", *TRAIN_RUNS[name]]),
+                      "seconds": {stage: float(s) for stage, s in stages.items()},
+                      "elapsed": time.time() - started, "same_results": results == first}
+    return runs
+
+
+def train_run_report(runs: dict, cpu: str) -> str:
+    stages = list(next(iter(runs.values()))["seconds"])
+    rows = [["train.py, seconds", *stages, "same results"]]
+    rows += [[run["command"], *(f"{run['seconds'][s]:.1f}" for s in stages), "yes" if run["same_results"] else "NO"]
+             for run in runs.values()]
+    return f"CPU: {cpu}\n\n" + table(rows)
+
+
 # ---- report -------------------------------------------------------------------------------------------
 
 def fmt(value, spec: str = ",.0f", suffix: str = "") -> str:
@@ -300,9 +373,20 @@ def table(rows: list[list[str]]) -> str:
                      for row in rows)
 
 
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it (every timing is a property of one machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def report(results: dict, args) -> str:
     cfg = args.cfg
-    lines = [f"torch {results['torch']}, transformers {results['transformers'] or NOT_INSTALLED}; "
+    lines = [f"CPU: {results['cpu']}",
+             f"torch {results['torch']}, transformers {results['transformers'] or NOT_INSTALLED}; "
              f"dim {cfg.dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, n_kv_heads {cfg.n_kv_heads}, "
              f"hidden_dim {cfg.hidden_dim}, vocab_size {cfg.vocab_size}; median of {args.repeats} after "
              f"{args.warmup} warm-up"]
@@ -320,17 +404,26 @@ def report(results: dict, args) -> str:
         if t["loss_diff"] is not None:
             lines.append(f"(same weights: |loss ours - loss HF| = {t['loss_diff']:.1e})")
         rows = [[f"greedy decoding, tokens/s ({args.prompt_len} prompt + {args.new_tokens} new)",
-                 "ours cached", "ours uncached", "HF generate", "cached/HF", "cached/uncached", "tokens as HF's"]]
+                 "ours cached", "ours compiled", "ours uncached", "HF generate", "cached/HF", "compiled/HF",
+                 "cached/uncached", "tokens as HF's"]]
         for name, b in d.items():
             rows.append([name.replace("_", " "), fmt(b["tokens_per_s"]["ours_cached"]),
+                         "failed" if b["compile_error"] else fmt(b["tokens_per_s"]["ours_compiled"]),
                          fmt(b["tokens_per_s"]["ours_uncached"]), fmt(b["tokens_per_s"]["hf"]),
-                         fmt(b["cached_over_hf"], ".2f", "x"), fmt(b["cached_over_uncached"], ".2f", "x"),
+                         fmt(b["cached_over_hf"], ".2f", "x"),
+                         "" if b["compile_error"] else fmt(b["compiled_over_hf"], ".2f", "x"),
+                         fmt(b["cached_over_uncached"], ".2f", "x"),
                          "not compared" if b["tokens_per_s"]["hf"] is None else "identical" if b["hf_differs_from"] is None
                          else f"differ from token {b['hf_differs_from']}"])
         lines += ["", table(rows)]
         lines += [f"(note: at {name.replace('_', ' ')} our cached and uncached tokens differ from token "
                   f"{b['uncached_differs_from']}: a near-tie of two logits, or a cache bug)"
                   for name, b in d.items() if b["uncached_differs_from"] is not None]
+        lines += [f"(note: at {name.replace('_', ' ')} our compiled and eager tokens differ from token "
+                  f"{b['compiled_differs_from']}: a near-tie of two logits, or a bug)"
+                  for name, b in d.items() if b["compiled_differs_from"] is not None]
+        lines += [f"(ours compiled: not measured, torch.compile failed here: {b['compile_error']})"
+                  for b in list(d.values())[:1] if b["compile_error"]]
         lines += ["", table([
             [f"TAIA, {ta['ffn_tensors']} FFN tensors", "ms", "vs plain copy"],
             ["plain copy {k: v.clone()}", f"{ta['ms']['plain_copy']:.3f}", "1.00x"],
@@ -343,10 +436,17 @@ def report(results: dict, args) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.train_run:
+        runs = bench_train_runs(args)
+        print(train_run_report(runs, cpu_model()))
+        if args.json:
+            write_json(args.json, {"cpu": cpu_model(), "train_runs": runs})
+        return runs
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers = import_transformers()
-    results = {"torch": torch.__version__, "transformers": transformers and transformers.__version__,
+    results = {"cpu": cpu_model(), "torch": torch.__version__,
+               "transformers": transformers and transformers.__version__,
                "config": asdict(args.cfg), "batch": args.batch, "seq_len": args.seq_len,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "repeats": args.repeats, "warmup": args.warmup, "devices": {}}
