@@ -113,7 +113,11 @@ class StaticKVCache(KVCache):
     static = True
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        super().__init__(cfg, batch_size, max_len, device, dtype)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        # One tensor per layer: the compiled step then writes into each in place. (Writing through a view
+        # of one tensor for all layers made the compiler copy the whole cache at every step.)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = torch.zeros((), dtype=torch.long, device=device)
 
     def update(self, layer: int, k, v):
