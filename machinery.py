@@ -123,10 +123,10 @@ class ThreadTuner:
     2-core machine, but 2-5x slower once another job holds a core, and slower even when idle on some
     machines whose threads wait on each other in the kernel (issue 17: 2.1 s against 1.0 s per step). No
     fixed count is right everywhere, so: first check, on one real micro-batch, which counts (1, 2, 4 ...
-    up to this process's cores) give bit-identical loss and gradients (on the machines tried, all do:
-    the count changes only the speed, never the numbers); then time the real steps, run the count with
-    the fewest ms per token, and every EXPLORE steps give each other count one step to see if it has
-    become faster."""
+    up to this process's cores) give bit-identical loss and gradients, and use only those (for the toy
+    model all do: the count changes the speed, never the numbers); then time the real steps, run the
+    count with the fewest seconds per token, and every EXPLORE steps give each other count one step, to
+    notice when the machine's load has changed."""
     EXPLORE = 20
 
     def __init__(self, model, batches, args, stage: str):
