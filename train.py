@@ -94,9 +94,9 @@ def parse_args(argv=None):
       help="autocast precision; weights stay float32 (auto: bfloat16 on GPU, float32 on CPU; float16 adds a "
            "gradient scaler and needs a GPU)")
     a("--threads", default="auto", type=threads_arg,
-      help="CPU threads per process (default auto: time one micro-batch at 1, 2, 4 ... threads up to the cores "
-           "and keep the fastest count that gives bit-identical numbers; torch's own default, a thread per core, "
-           "can be 2x slower on a model this small)")
+      help="CPU threads per process (default auto: of the counts 1, 2, 4 ... up to the cores that give bit-identical "
+           "gradients on a real micro-batch, train with whichever ran the last steps fastest, trying the others every "
+           "20 steps; OMP_NUM_THREADS, when set, is kept. torch's own default, a thread per core, can run 2x slower)")
     a("--compile", action="store_true", help="torch.compile the model for training")
     a("--resume", action="store_true", help="continue from OUT/<stage>_state.pt; skip stages already finished")
     a("--save_interval", type=int, default=200, help="save a resumable checkpoint every N steps (0: only on Ctrl-C)")
