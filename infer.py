@@ -313,18 +313,18 @@ def generate_text(model: Transformer, sp, prompt: str, max_new_tokens: int, temp
     return sp.decode(new)
 
 
-def compile_decoding(model: Transformer):
-    """--compile: Transformer.compile_decoding, tried at once on a short prompt. Where torch.compile cannot
-    build its kernels (a CPU machine without a C++ compiler, say), decoding stays eager: slower, same tokens."""
+def compile_decoding(model: Transformer) -> str | None:
+    """Transformer.compile_decoding, tried at once on a short prompt. Where torch.compile cannot build its
+    kernels (a CPU machine without a C++ compiler, say), decoding stays eager (slower, the same tokens)
+    and the reason is returned; None when the compiled step works."""
     model.compile_decoding()
-    device = next(model.parameters()).device
     try:
-        model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), 2)
+        model.generate(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), 2)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         model.compiled_step = None
-        first_line = str(e.inner_exception).strip().splitlines()[0] if str(e.inner_exception).strip() else ""
-        print(f"--compile: torch.compile failed ({type(e.inner_exception).__name__}: {first_line[:200]}); "
-              "decoding without it", file=sys.stderr)
+        reason = (str(e.inner_exception).strip() or "no message").splitlines()[0][:200]
+        return f"{type(e.inner_exception).__name__}: {reason}"
+    return None
 
 
 # ---- the program --------------------------------------------------------------------------------------
@@ -381,8 +381,9 @@ def main(argv=None):
             write_json(args.json, {"results": results})  # {"answer"|"exact": {set: {mode: accuracy}}}
     for mode in args.modes if args.prompt else []:
         model = run.build(mode, args.device)
-        if args.compile:
-            compile_decoding(model)
+        failed = compile_decoding(model) if args.compile else None
+        if failed:
+            print(f"--compile: torch.compile failed ({failed}); decoding without it", file=sys.stderr)
         for prompt in args.prompt:
             text = generate_text(model, run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                                  run.template)

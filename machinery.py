@@ -120,11 +120,11 @@ class ThreadTuner:
     """--threads auto, on CPU: use whichever thread count is fastest now, and keep checking.
 
     On a model this small, torch's default (a thread per core) is 1.7x faster than one thread on an idle
-    2-core machine, but 2-5x slower once another job holds a core, and slower even when idle on some
+    2-core machine, but 2x slower or worse once another job holds a core, and slower even when idle on some
     machines whose threads wait on each other in the kernel (issue 17: 2.1 s against 1.0 s per step). No
     fixed count is right everywhere, so: first check, on one real micro-batch, which counts (1, 2, 4 ...
     up to this process's cores) give bit-identical loss and gradients, and use only those (for the toy
-    model all do: the count changes the speed, never the numbers); then time the real steps, run the
+    model on the machines tried all do: the count changes the speed, not the numbers); then time the real steps, run the
     count with the fewest seconds per token, and every EXPLORE steps give each other count one step, to
     notice when the machine's load has changed."""
     EXPLORE = 20

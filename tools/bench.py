@@ -37,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import taia  # noqa: E402
 from common import OneLineParser, UserError, run_cli, save_hf, write_json  # noqa: E402
+from infer import compile_decoding  # noqa: E402
 from model import ModelConfig, Transformer, flops_per_token, param_groups  # noqa: E402
 
 MIN_SAMPLE_S = 0.02  # a timed sample shorter than this is mostly timer and scheduler noise
@@ -279,14 +280,11 @@ def bench_decoding(args, device: str, transformers) -> dict:
 
 
 def compiled_copy(ours):
-    """A second model with the same weights and its decode step compiled (Transformer.compile_decoding),
+    """A second model with the same weights and its decode step compiled, as infer.py --compile does,
     or (None, why) where torch.compile cannot build kernels here."""
-    compiled = copy.deepcopy(ours).compile_decoding()
-    try:
-        compiled.generate(torch.zeros(1, 1, dtype=torch.long, device=next(ours.parameters()).device), 2)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        return None, f"{type(e.inner_exception).__name__}: {str(e.inner_exception).strip()[:200]}"
-    return compiled, None
+    compiled = copy.deepcopy(ours)
+    failed = compile_decoding(compiled)
+    return (None, failed) if failed else (compiled, None)
 
 
 def first_difference(a, b, prompt_len: int):
