@@ -3,6 +3,9 @@ that never leave a half-written file, checkpoints (ours and Hugging Face's), the
 and the command-line runner. Imports nothing from the programs.
 """
 import argparse
+import fcntl
+import glob
+import hashlib
 import json
 import os
 import sys
@@ -60,16 +63,75 @@ def make_dir(path: str):
 
 
 def save_checkpoint(path: str, obj: dict):
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file, so that a refused write (full disk) is an OSError that atomic_write reports
+    # in one line; torch.save given a path raises a RuntimeError for it.
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
-def load_checkpoint(path: str, keys=("model", "config")) -> dict:
-    """A dict holding at least `keys`. weights_only=True: a file can never run code when loaded."""
+def remove(*paths: str):
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def file_fingerprint(*paths: str) -> str:
+    """Names files by their content: total size and SHA-256 of their bytes (a second per GB or so, cheap
+    next to training on them). Two runs that read the same bytes get the same fingerprint, whatever the
+    files are called; one changed byte, and they do not."""
+    digest, size = hashlib.sha256(), 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+class DirectoryLock:
+    """One run at a time per out_dir: an exclusive lock (flock) on OUT/.lock, which holds the holder's
+    pid. The operating system releases it when the holder exits, however it exits, so a killed run never
+    leaves a stale lock behind. Creating the lock file also proves the folder writable before any
+    training starts. While held, *.tmp files in the folder are leftovers of a killed save: removed."""
+
+    def __init__(self, folder: str):
+        make_dir(folder)
+        self.path = os.path.join(folder, ".lock")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write in {folder}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{folder} is in use by another run (pid {holder}); wait for it, or use another "
+                            "--out_dir") from None
+        try:
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()))
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot write in {folder}: {e.strerror or e}") from None
+        for stale in glob.glob(os.path.join(glob.escape(folder), "**", "*.tmp"), recursive=True):
+            os.remove(stale)
+
+    def release(self):
+        self.file.close()  # closing the file releases the lock
+
+
+def load_checkpoint(path: str, keys=("model", "config"), mmap: bool = False) -> dict:
+    """A dict holding at least `keys`. weights_only=True: a file can never run code when loaded. mmap: the
+    tensors are read from disk only when touched (to look at a big checkpoint's settings)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # a truncated file, a pickle that would run code, not a checkpoint at all
         raise UserError(f"cannot load {path}: not a checkpoint of plain tensors (refused or corrupt)") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):

@@ -9,6 +9,7 @@ the provenance ablation only-<group> (only that group tuned, the rest base; grou
 norm, embedding, head).
 """
 import argparse
+import json
 import os
 import sys
 from dataclasses import asdict, fields
@@ -16,9 +17,11 @@ from dataclasses import asdict, fields
 import torch
 
 import taia
-from common import FILES, OneLineParser, UserError, load_checkpoint, resolve_device, run_cli, write_json
-from data.text import PLAIN_TEMPLATE, apply_template, encode_example, example_batch, load_tokenizer, read_examples
-from model import ModelConfig, Transformer
+from common import (FILES, OneLineParser, UserError, file_fingerprint, load_checkpoint, resolve_device, run_cli,
+                    write_json)
+from data.text import (PLAIN_TEMPLATE, apply_template, check_utf8_args, encode_example, example_batch, load_tokenizer,
+                       read_examples)
+from model import CheckpointError, ModelConfig, Transformer
 
 # ---- models from files ------------------------------------------------------------------------------
 
@@ -49,6 +52,17 @@ def check_tokenizer(sp, cfg: ModelConfig):
                         "they do not belong together")
 
 
+def check_tokenizer_file(path: str, checkpoint: dict, checkpoint_path: str):
+    """The tokenizer by content, not by its size: another run's tokenizer of the same size would encode
+    every prompt to other ids. `checkpoint` names the one it was trained with by fingerprint."""
+    if "tokenizer" not in checkpoint:
+        raise UserError(f"{checkpoint_path} names no tokenizer by fingerprint (an earlier version of train.py wrote "
+                        "it): run its stage again")
+    if file_fingerprint(path) != checkpoint["tokenizer"]:
+        raise UserError(f"{path} is not the tokenizer {checkpoint_path} was trained with (its fingerprint differs): "
+                        "it comes from another run")
+
+
 def hf_tokenizer_path(hf_dir: str) -> str:
     path = os.path.join(hf_dir, "tokenizer.model")
     if not os.path.isfile(path):
@@ -57,24 +71,27 @@ def hf_tokenizer_path(hf_dir: str) -> str:
     return path
 
 
-def load_hf_base(hf_dir: str) -> tuple[ModelConfig, dict]:
-    """Config and float32 weights of a Hugging Face Llama directory, with errors that name what is missing."""
+def load_hf_model(hf_dir: str, device="cpu") -> Transformer:
+    """A Hugging Face Llama directory as our model, read lazily straight onto device (memory holds the model
+    and one tensor at a time), with errors that name what is missing or wrong."""
     if not os.path.isdir(hf_dir):
         raise UserError(f"--init_from {hf_dir}: no such directory")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise UserError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    if not any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise UserError(f"{hf_dir} has no model.safetensors (or model.safetensors.index.json): only safetensors "
-                        "checkpoints are read")
     hf_tokenizer_path(hf_dir)  # fail before loading gigabytes
     try:
-        from safetensors import SafetensorError
+        import safetensors  # noqa: F401 (model.py reads the weights with it)
     except ImportError:
         raise UserError("--init_from reads safetensors checkpoints: pip install safetensors") from None
     try:
-        model = Transformer.from_pretrained(hf_dir)
-    except (ValueError, KeyError, OSError, SafetensorError) as e:  # another architecture, a broken file
+        return Transformer.from_pretrained(hf_dir, device=device).eval()
+    except CheckpointError as e:  # a broken file, another architecture, a config that does not fit the weights
         raise UserError(f"{hf_dir}: {e}") from None
+
+
+def load_hf_base(hf_dir: str) -> tuple[ModelConfig, dict]:
+    """Config and float32 weights (a state dict, on the CPU) of a Hugging Face Llama directory."""
+    model = load_hf_model(hf_dir)
     return model.cfg, model.state_dict()
 
 
@@ -82,15 +99,16 @@ def load_base(out_dir: str, init_from: str | None, device="cpu") -> tuple[Transf
     """The pretrained model fine-tuning starts from (out_dir/base.pt, or a Hugging Face directory),
     its tokenizer, and the tokenizer's path."""
     if init_from:
-        cfg, state = load_hf_base(init_from)
+        model = load_hf_model(init_from, device)  # the only copy: no state dict to build a second one from
         tokenizer_path = hf_tokenizer_path(init_from)
     else:
         base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
-        cfg, state = config_from_dict(base["config"]), base["model"]
+        model = model_from_state(config_from_dict(base["config"]), base["model"], device)
         tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
+        check_tokenizer_file(tokenizer_path, base, os.path.join(out_dir, FILES["base"]))
     sp = load_tokenizer(tokenizer_path)
-    check_tokenizer(sp, cfg)
-    return model_from_state(cfg, state, device), sp, tokenizer_path
+    check_tokenizer(sp, model.cfg)
+    return model, sp, tokenizer_path
 
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # the weights of attention and FFN updates that mode auto tries
@@ -103,7 +121,8 @@ class FinishedRun:
 
     def __init__(self, out_dir: str, init_from: str | None = None):
         self.out_dir = out_dir
-        self.sp = load_tokenizer(os.path.join(out_dir, FILES["tokenizer"]))
+        tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
+        self.sp = load_tokenizer(tokenizer_path)
         tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]), keys=("model", "config", "base_ffn"))
         init_from = init_from or tuned.get("init_from")
         if init_from:
@@ -117,6 +136,9 @@ class FinishedRun:
                             "models")
         self.cfg = config_from_dict(base["config"])
         check_tokenizer(self.sp, self.cfg)
+        check_tokenizer_file(tokenizer_path, tuned, os.path.join(out_dir, FILES["tuned"]))
+        if not init_from:
+            check_tokenizer_file(tokenizer_path, base, os.path.join(out_dir, FILES["base"]))
         self.base, self.tuned = base["model"], tuned["model"]
         # The three files must belong together: the snapshot and the fine-tune name the same base FFN.
         base_ffn = {k: v for k, v in self.base.items() if taia.is_ffn(k)}
@@ -358,10 +380,15 @@ def parse_args(argv=None):
                    "cache (same tokens, several times faster at batch 1 once compiled; without a working compiler "
                    "it says so and decodes as usual)")
     args = p.parse_args(argv)
+    check_utf8_args(vars(args))  # prompts and paths: the tokenizer and the files we write take UTF-8 only
     if not args.prompt and not args.eval:
         p.error("give --prompt TEXT or --eval FILE.jsonl")
+    # nan fails every comparison, so it fails these too; a --max_new_tokens or --top_k beyond the model's
+    # length or vocabulary is cut to it.
     if not 0 <= args.temperature < float("inf") or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
-        p.error("--temperature must be >= 0, --max_new_tokens and --top_k >= 1")
+        p.error("--temperature must be >= 0 and finite, --max_new_tokens and --top_k >= 1")
+    if not 0 <= args.seed < 2 ** 63:
+        p.error(f"--seed must be from 0 to 2**63 - 1, not {args.seed}")  # a torch seed is a 64-bit integer
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")
     args.device = resolve_device(args.device)
@@ -369,8 +396,26 @@ def parse_args(argv=None):
     return args
 
 
+def check_json_target(args):
+    """--json never overwrites what this command reads (a checkpoint, the tokenizer, an --eval or --dev
+    file) nor any file that is not a JSON document itself (an earlier result)."""
+    if not args.json or not os.path.exists(args.json):
+        return
+    inputs = [*args.eval, args.dev, *(os.path.join(args.out_dir, name) for name in FILES.values())]
+    if any(path and os.path.exists(path) and os.path.samefile(path, args.json) for path in inputs):
+        raise UserError(f"--json {args.json} is one of this command's inputs: write the results elsewhere")
+    try:
+        if not os.path.isfile(args.json):
+            raise ValueError("not a regular file")
+        with open(args.json, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError, RecursionError):
+        raise UserError(f"--json {args.json} exists and is not an earlier result (a JSON file): not overwritten") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_json_target(args)
     run = FinishedRun(args.out_dir, args.init_from)
     if "auto" in args.modes:
         print(run.choose_auto(args.dev, args.device, args.auto_per_layer))

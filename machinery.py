@@ -2,12 +2,13 @@
 processes (torchrun, DDP), mixed precision, resumable checkpoints, Ctrl-C, the non-finite guard, and the
 log line with throughput and MFU. Read train.py first; come here for how one of these works.
 """
+import hashlib
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 import taia
 from common import UserError, load_checkpoint, save_checkpoint
-from model import flops_per_token
+from model import ModelConfig, flops_per_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +95,87 @@ def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: i
 def gradient_sync(trained, args, last: bool):
     """DDP all-reduces gradients on every backward; accumulate locally until the last micro-batch."""
     return trained.no_sync() if args.world_size > 1 and not last else nullcontext()
+
+
+@contextmanager
+def dropout_seed(seed: int, step: int, index: int, args):
+    """Dropout (LoRA's) draws its masks from a random stream of their own for each micro-batch, seeded by the
+    run's seed, the step and the micro-batch's index in the global batch. The masks do not depend on which
+    process runs a micro-batch, so 1 and N processes make the same updates (whenever they split the batch
+    into the same micro-batches), and a resumed run needs no process's random state to draw them again.
+    The stream outside is left as it was."""
+    key = hashlib.sha256(f"{seed}/{step}/{index}".encode()).digest()
+    with torch.random.fork_rng(devices=[args.device] if args.device.startswith("cuda") else []):
+        torch.manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        yield
+
+
+# ---- memory: a size that cannot fit is refused before anything is allocated ------------------------
+
+def check_memory(args, cfg: ModelConfig | None):
+    """A model or batch too big for this machine is one line now, not a MemoryError (or a machine lost in
+    swap) minutes later. What each training stage needs, counted from below (training_memory), against the
+    memory Linux says is available; skipped where either is unknown before the run starts."""
+    available = available_memory()
+    if available is None or cfg is None:
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # under torchrun, each process holds its own copy
+    for stage, need, asked in training_memory(args, cfg):
+        if need * processes > available:
+            copies = f" for each of {processes} processes" if processes > 1 else ""
+            raise UserError(f"{stage} {asked} needs at least {need / 2**30:,.1f} GiB of memory{copies}; this machine "
+                            f"has {available / 2**30:,.1f} GiB available")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have without swapping (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def training_memory(args, cfg: ModelConfig) -> list[tuple[str, int, str]]:
+    """(stage, bytes, what was asked) for each training stage of this run: a lower bound on the memory it
+    holds at once. Weights, gradients and AdamW's two moments take 16 bytes per trained float32 parameter (4
+    per frozen one); then the batch's token ids, and what one micro-batch's forward pass keeps for backward:
+    per layer at least the block's inputs and its FFN activations, and the logits with their log-softmax. On
+    a GPU all of that lives on the GPU, and the CPU holds only the weights, built there first."""
+    n_params = parameter_count(cfg)
+    on_cpu = args.device == "cpu"
+    per_token = ((2 if args.dtype in ("bfloat16", "float16") else 4) * cfg.n_layers * (4 * cfg.dim + 3 * cfg.hidden_dim)
+                 + 4 * 2 * cfg.vocab_size)
+    model = (f"a model of dim {cfg.dim}, n_layers {cfg.n_layers}, hidden_dim {cfg.hidden_dim} "
+             f"({n_params:,} parameters or more)")
+    needs = []
+    if args.stage in ("all", "pretrain"):
+        windows = max(1, args.batch_tokens // args.seq_len)
+        need = 4 * n_params + windows * (args.seq_len + 1) * 8  # the weights and the batch's token ids
+        if on_cpu:
+            need += 12 * n_params + min(args.micro_batch, windows) * args.seq_len * per_token
+        needs.append(("pretraining", need, f"{model} on batches of {args.batch_tokens:,} tokens"))
+    if args.stage in ("all", "finetune"):
+        adapters = args.lora_rank * cfg.n_layers * (7 * cfg.dim + 2 * cfg.head_dim * (cfg.n_heads + cfg.n_kv_heads)
+                                                    + 3 * cfg.hidden_dim)  # in + out of the 7 linear layers
+        trained = adapters if args.lora_rank else n_params
+        need = 4 * n_params + args.finetune_batch * 32  # and each example's input and target ids, 2 tokens at least
+        if on_cpu:
+            need += 4 * adapters + 12 * trained + min(args.micro_batch, args.finetune_batch) * per_token
+        lora = f" with LoRA of rank {args.lora_rank:,} ({adapters:,} parameters)" if args.lora_rank else ""
+        needs.append(("fine-tuning", need, f"{model}{lora} on batches of {args.finetune_batch:,} examples"))
+    return needs
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """What Transformer(cfg) holds, counted from the config (building even an empty model of 10**10 layers
+    would take forever)."""
+    attention = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)  # q, o and k, v
+    block = attention + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim  # + gate, up, down and two norms
+    return cfg.n_layers * block + cfg.dim + cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
 
 
 # ---- precision and the learning rate ---------------------------------------------------------------
@@ -217,8 +299,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
-              "without saving)", file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint to resume from "
+              "(Ctrl-C again to stop at once, without saving)", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -264,9 +346,15 @@ def state_path(out_dir: str, stage: str) -> str:
     return os.path.join(out_dir, f"{stage}_state.pt")
 
 
+def trained_tensors(model) -> dict:
+    """The parameters training changes: all that a resumable state must hold. Under LoRA, the adapters only;
+    the frozen base they sit on is named by the fingerprint in the run key instead of copied."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 class TrainingState:
-    """OUT/<stage>_state.pt: weights, optimizer, scaler, step, the batch sampler's position and the RNG
-    states, and `run_key` (what a resumed run must share with the stopped one). An interval checkpoint
+    """OUT/<stage>_state.pt: the trained weights, optimizer, scaler, step, the batch sampler's position and
+    the RNG states, and `run_key` (what a resumed run must share with the stopped one). An interval checkpoint
     is written one step late, once the next loss has shown its weights are good."""
 
     def __init__(self, out_dir, stage, run_key, model, optimizer, scaler, batches, args):
@@ -286,11 +374,14 @@ class TrainingState:
             differ = sorted(k for k in self.run_key if state["run"].get(k) != self.run_key[k])
             raise UserError(f"{self.path} was saved by a run with other settings ({', '.join(differ)}); "
                             "resume with the same settings, or delete it to start over")
+        trained = trained_tensors(self.model)
         try:
-            taia.check_same_layout(self.model.state_dict(), state["model"], "the model", self.path)
+            taia.check_same_layout(trained, state["model"], "the trained parameters", self.path)
         except ValueError as e:
             raise UserError(f"{e}; delete it to start over") from None
-        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for name, tensor in trained.items():
+                tensor.copy_(state["model"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when the stopped run did not use float16
             self.scaler.load_state_dict(state["scaler"])
@@ -319,7 +410,8 @@ class TrainingState:
 
     def save(self, step: int, position: dict):
         if is_main(self.args):
-            save_checkpoint(self.path, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            save_checkpoint(self.path, {"model": {k: v.detach() for k, v in trained_tensors(self.model).items()},
+                                        "optimizer": self.optimizer.state_dict(),
                                         "scaler": self.scaler.state_dict(), "step": step, **position,
                                         "run": self.run_key})
         self.saved_at = step

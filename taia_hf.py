@@ -22,81 +22,44 @@ import os
 import re
 import shutil
 import struct
+from contextlib import contextmanager
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 import taia
 from common import OneLineParser, UserError, make_dir, run_cli
+from model import HF_INDEX, CheckpointError, Safetensors, hf_weights, read_hf_json
 
-INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # Files of a model directory that hold weights: never copied to the output, whose weights are its own.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
-# ---- reading: a directory's safetensors, lazily ----------------------------------------------------
+# ---- reading: a directory's safetensors, lazily (model.Safetensors) --------------------------------
 
-class Safetensors:
-    """The tensors of some safetensors files, opened lazily: names, dtypes and shapes come from the
-    files' headers at once, a tensor's bytes only when `tensor(name)` asks for them."""
-
-    def __init__(self, folder: str, files: list[str], what: str):
-        self.folder, self.files = folder, files
-        self.file_of, self.layout = {}, {}  # layout: name -> (dtype, shape)
-        for file in files:
-            path = os.path.join(folder, file)
-            if not os.path.isfile(path):
-                raise UserError(f"{what} {folder}: {file} is missing")
-            try:
-                with safe_open(path, framework="pt") as handle:
-                    for name in handle.keys():
-                        if name in self.file_of:
-                            raise UserError(f"{what} {folder}: {name} is in both {self.file_of[name]} and {file}")
-                        info = handle.get_slice(name)
-                        self.file_of[name], self.layout[name] = file, (info.get_dtype(), tuple(info.get_shape()))
-            except SafetensorError as e:  # not a safetensors file, truncated, a broken header
-                raise UserError(f"{what} {path}: not a readable safetensors file ({e})") from None
-
-    def tensor(self, name: str) -> torch.Tensor:
-        # One handle per tensor: safe_open maps the whole file, and every page read through a handle
-        # stays in memory while the handle is open; a tensor of its own keeps only its own pages.
-        with safe_open(os.path.join(self.folder, self.file_of[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+@contextmanager
+def reading(what: str):
+    """model.py's CheckpointError (a file missing, cut short, not safetensors or not floating point; JSON
+    that is not an object) as a UserError that names the input."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise UserError(f"{what}: {e}") from None
 
 
 def read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what}: {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what}: {path} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{what}: {path} does not hold a JSON object")
-    return obj
+    with reading(what):
+        return read_hf_json(path)
 
 
 def open_model_dir(path: str, what: str) -> tuple[dict, Safetensors]:
     """config.json and the weights of a Hugging Face model directory: model.safetensors, or the shards
-    model.safetensors.index.json names (whose weight map must agree with the shards' contents)."""
+    model.safetensors.index.json names (model.hf_weights), every tensor's group known."""
     if not os.path.isdir(path):
         raise UserError(f"{what} {path}: no such directory")
     config = read_json(os.path.join(path, "config.json"), f"{what} {path}")
-    if os.path.isfile(os.path.join(path, INDEX)):
-        weight_map = read_json(os.path.join(path, INDEX), what).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise UserError(f"{what}: {os.path.join(path, INDEX)} has no weight_map of tensor name -> file")
-        weights = Safetensors(path, sorted(set(weight_map.values())), what)
-        if weights.file_of != weight_map:
-            wrong = sorted(n for n in set(weight_map) | set(weights.file_of)
-                           if weight_map.get(n) != weights.file_of.get(n))
-            raise UserError(f"{what}: {INDEX} does not match its shards (e.g. {wrong[0]})")
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weights = Safetensors(path, ["model.safetensors"], what)
-    else:
-        raise UserError(f"{what} {path} has no model.safetensors (or {INDEX}): only safetensors are read")
+    with reading(f"{what} {path}"):
+        weights = hf_weights(path)
     for name in weights.layout:
         group_of(name, what)
     return config, weights
@@ -116,8 +79,8 @@ def write_like(out_dir: str, base: Safetensors, tensor_for):
     The header (names, dtypes, shapes, byte offsets, metadata) is the base shard's own, copied byte for
     byte; then each tensor's bytes, in the order of its offsets, one tensor in memory at a time. The
     base's shard index, if it has one, is copied: it still names the right shard for every tensor."""
-    if os.path.isfile(os.path.join(base.folder, INDEX)):
-        shutil.copy2(os.path.join(base.folder, INDEX), os.path.join(out_dir, INDEX))
+    if os.path.isfile(os.path.join(base.folder, HF_INDEX)):
+        shutil.copy2(os.path.join(base.folder, HF_INDEX), os.path.join(out_dir, HF_INDEX))
     for file in base.files:
         with open(os.path.join(base.folder, file), "rb") as f:
             header_bytes = f.read(8)
@@ -137,7 +100,7 @@ def write_like(out_dir: str, base: Safetensors, tensor_for):
 def copy_other_files(src: str, out_dir: str):
     """config.json, the tokenizer's files, generation_config.json ...: every file but weights."""
     for file in sorted(os.listdir(src)):
-        if os.path.isfile(os.path.join(src, file)) and not file.endswith(WEIGHT_SUFFIXES) and file != INDEX:
+        if os.path.isfile(os.path.join(src, file)) and not file.endswith(WEIGHT_SUFFIXES) and file != HF_INDEX:
             shutil.copy2(os.path.join(src, file), os.path.join(out_dir, file))
 
 
@@ -282,7 +245,8 @@ def read_adapters(adapter_dir: str, config: dict, base: Safetensors) -> tuple[Sa
     the adapter config and the base's shapes."""
     if not os.path.isfile(os.path.join(adapter_dir, ADAPTER_WEIGHTS)):
         raise UserError(f"ADAPTER_DIR {adapter_dir} has no {ADAPTER_WEIGHTS}: only safetensors are read")
-    adapter = Safetensors(adapter_dir, [ADAPTER_WEIGHTS], "ADAPTER_DIR")
+    with reading(f"ADAPTER_DIR {adapter_dir}"):
+        adapter = Safetensors(adapter_dir, [ADAPTER_WEIGHTS])
     modules = {}
     for name in adapter.layout:
         match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_[AB]\.weight", name)

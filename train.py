@@ -13,6 +13,7 @@ infer.FinishedRun). More recipes (your own data, LoRA, real checkpoints, several
 README.md.
 """
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -24,15 +25,16 @@ import torch
 import torch.nn.functional as F
 
 import taia
-from common import (FILES, OneLineParser, UserError, atomic_write, make_dir, resolve_device, run_cli, save_checkpoint,
-                    write_json)
-from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, encode_example, load_tokenizer,
-                       read_examples, read_lines, token_stream, train_tokenizer)
+from common import (FILES, DirectoryLock, OneLineParser, UserError, atomic_write, file_fingerprint, load_checkpoint,
+                    make_dir, remove, resolve_device, run_cli, save_checkpoint, write_json)
+from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, check_utf8_args, encode_example,
+                       load_tokenizer, read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
-from infer import FinishedRun, accuracies, load_base, parse_modes, print_results, read_eval_sets
-from machinery import (DTYPES, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier, check_finite,
-                       close_distributed, cosine_lr, gradient_sync, init_distributed, is_main, log, mixed_precision,
-                       my_micro_batches, process_name, set_lr, state_path, sum_over_processes, wrap_for_training)
+from infer import FinishedRun, accuracies, config_from_dict, load_base, parse_modes, print_results, read_eval_sets
+from machinery import (DTYPES, Interrupted, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier,
+                       check_finite, check_memory, close_distributed, cosine_lr, dropout_seed, gradient_sync,
+                       init_distributed, is_main, log, mixed_precision, my_micro_batches, process_name, set_lr,
+                       state_path, sum_over_processes, wrap_for_training)
 from model import PRESETS, ModelConfig, Transformer, param_groups
 
 TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
@@ -103,19 +105,30 @@ def parse_args(argv=None):
     a("--log_interval", type=int, default=100)
     a("--peak_tflops", type=float, help="the GPU's peak TFLOP/s for MFU (default: looked up by device name)")
     args = p.parse_args(argv)
+    check_utf8_args(vars(args))  # paths and the template: sentencepiece and the files we write take UTF-8 only
     args.device = resolve_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.dtype == "float16" and not args.device.startswith("cuda"):
         p.error("--dtype float16 needs --device cuda (on CPU use bfloat16 or float32)")
-    for name in ("seeds", "pretrain_steps", "finetune_steps", "batch_tokens", "micro_batch", "finetune_batch",
-                 "seq_len", "vocab_size", "log_interval", "dim", "n_layers", "hidden_dim"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.lora_rank < 0 or not 0 <= args.lora_dropout < 1 or args.pretrain_lr <= 0 or args.finetune_lr <= 0:
-        p.error("--lora_rank must be >= 0, --lora_dropout in [0, 1), learning rates > 0")
-    if args.save_interval < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
-        p.error("--save_interval must be >= 0 and --peak_tflops > 0")
+    inf = float("inf")
+    ranges = [  # (flags, the test each value must pass, the words for it); nan fails every comparison
+        (("seeds", "pretrain_steps", "finetune_steps", "batch_tokens", "micro_batch", "finetune_batch", "seq_len",
+          "log_interval", "dim", "n_layers", "hidden_dim"), lambda x: x >= 1, "at least 1"),
+        (("lora_rank", "save_interval"), lambda x: x >= 0, "at least 0"),
+        (("seed",), lambda x: 0 <= x < 2 ** 63, "from 0 to 2**63 - 1"),  # a torch seed is a 64-bit integer
+        (("vocab_size",), lambda x: 1 <= x < 2 ** 31, "from 1 to 2**31 - 1"),  # sentencepiece's int32
+        (("pretrain_lr", "finetune_lr", "lora_alpha", "peak_tflops"), lambda x: 0 < x < inf, "a finite number > 0"),
+        (("weight_decay",), lambda x: 0 <= x < inf, "a finite number >= 0"),
+        (("lora_dropout",), lambda x: 0 <= x < 1, "in [0, 1)"),
+    ]
+    for names, test, words in ranges:
+        for name in names:
+            if getattr(args, name) is not None and not test(getattr(args, name)):
+                p.error(f"--{name} must be {words}, not {getattr(args, name)}")
+    cores = os.cpu_count()
+    if args.threads != "auto" and cores and args.threads > cores:  # thousands of threads stall the machine
+        p.error(f"--threads {args.threads}: this machine has {cores} cores")
     if args.lora_rank and args.train_scope != "all":
         p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
     args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
@@ -136,6 +149,20 @@ def threads_arg(text: str):
     return int(text)
 
 
+def planned_base(args) -> ModelConfig | None:
+    """The config of the model this run trains, known before anything big is read: from the flags when the
+    run pretrains it, else from the base.pt fine-tuning starts from. None for a Hugging Face base."""
+    if args.init_from:
+        return None
+    if args.stage in ("all", "pretrain"):
+        # The tokenizer may come out smaller than --vocab_size, never below its 256 byte pieces and 3 specials.
+        return model_config(args, min(args.vocab_size, 259))
+    path = os.path.join(args.out_dir, f"seed_{args.seed}" if args.seeds > 1 else "", FILES["base"])
+    if args.stage == "finetune" and os.path.isfile(path):
+        return config_from_dict(load_checkpoint(path, mmap=True)["config"])
+    return None
+
+
 def check_inputs(args):
     """Everything a run will read that is the user's own, read now rather than after minutes of training."""
     if not args.init_from and args.stage in ("all", "pretrain"):
@@ -146,6 +173,7 @@ def check_inputs(args):
     read_eval_sets(args.eval)
     if args.pretrain_text and args.stage in ("all", "pretrain"):
         read_lines(args.pretrain_text)
+    check_memory(args, planned_base(args))
 
 
 # ---- main: every stage, for one seed or several ----------------------------------------------------
@@ -153,6 +181,9 @@ def check_inputs(args):
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
+    # One run at a time in an out_dir (for a torchrun job, rank 0 holds the lock); the lock also proves the
+    # folder writable before any training starts.
+    lock = DirectoryLock(args.out_dir) if os.environ.get("RANK", "0") == "0" else None
     init_distributed(args)
     try:
         if args.seeds == 1:
@@ -169,19 +200,29 @@ def main(argv=None):
         barrier(args)  # leave together: a process that tears down gloo while rank 0 still writes aborts
     finally:
         close_distributed(args)
+        if lock:
+            lock.release()
 
 
 def run(args, out_dir: str, seed: int) -> dict | None:
-    """The stages --stage asks for, in order; returns the eval report when eval ran."""
+    """The stages --stage asks for, in order; returns the eval report when eval ran. Stopped at any moment
+    (Ctrl-C), it says exactly which of the run's files are on disk."""
+    try:
+        return run_stages(args, out_dir, seed)
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"{str(e) or 'stopped at once'}; {on_disk(out_dir)}") from None
+
+
+def run_stages(args, out_dir: str, seed: int) -> dict | None:
     started, seconds = time.time(), {}  # seconds: each stage's wall time, for the line at the end
     if is_main(args):
         make_dir(out_dir)
     barrier(args)
     if args.stage in ("all", "data", "pretrain"):
         timed(seconds, "data", stage_data, args, out_dir, seed)  # skipped when the files are already there
-    if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain"):
+    if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain", seed):
         timed(seconds, "pretrain", stage_pretrain, args, out_dir, seed)
-    if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune"):
+    if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune", seed):
         timed(seconds, "finetune", stage_finetune, args, out_dir, seed)
     report = None
     if args.stage in ("all", "eval"):
@@ -215,7 +256,7 @@ def stage_data(args, out_dir: str, seed: int):
 
 
 def stage_pretrain(args, out_dir: str, seed: int):
-    lines = read_lines(args.pretrain_text or toy_paths(out_dir)["pretrain"])
+    lines = read_lines(pretrain_text_path(args, out_dir))
     # The tokenizer goes under a new name and replaces the old one only beside the new base.pt.
     tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
     resuming = args.resume and os.path.exists(state_path(out_dir, "pretrain"))
@@ -233,19 +274,25 @@ def stage_pretrain(args, out_dir: str, seed: int):
     model = Transformer(cfg).to(args.device)
     log(args, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
     batches = WindowBatches(stream, max(1, args.batch_tokens // args.seq_len), args.seq_len, seed)
-    settings = {k: getattr(args, k) for k in PRETRAIN_KEYS}
-    train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain", out_dir,
-               resume_key(settings, seed=seed, config=asdict(cfg)))
+    settings = pretrain_settings(args, out_dir, seed)
+    stopped = train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain",
+                         out_dir, resume_key(settings, config=asdict(cfg)))
     if is_main(args):
-        save_checkpoint(os.path.join(out_dir, FILES["base"]),
-                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings})
+        # Files go in an order that leaves a consistent directory at every instant: first whatever was made
+        # from the old base (and the old base), then the new tokenizer, base.pt last. base.pt names its
+        # tokenizer by fingerprint, and its presence is what says "pretraining finished".
+        remove(*(os.path.join(out_dir, FILES[k]) for k in ("results", "auto", "tuned", "snapshot", "base")),
+               state_path(out_dir, "finetune"))
         os.replace(tokenizer_path + ".new", tokenizer_path)
-    finish_stage(args, out_dir, "pretrain")
+        save_checkpoint(os.path.join(out_dir, FILES["base"]),
+                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings,
+                         "tokenizer": file_fingerprint(tokenizer_path)})
+    finish_stage(args, out_dir, "pretrain", stopped)
 
 
 def stage_finetune(args, out_dir: str, seed: int):
     model, sp, tokenizer_path = load_base(out_dir, args.init_from, args.device)
-    examples = read_examples(args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set])
+    examples = read_examples(finetune_path(args, out_dir))
     encoded = [encode_example(e, sp, args.template) for e in examples]
     too_long = [len(ids) for ids, _ in encoded if len(ids) - 1 > model.cfg.max_seq_len]
     if too_long:
@@ -266,24 +313,28 @@ def stage_finetune(args, out_dir: str, seed: int):
             scope -= {"embedding", "head"}
         for name, p in model.named_parameters():
             p.requires_grad_(taia.group_of(name) in scope)
-    settings = finetune_settings(args)
-    base_ffn = taia.fingerprint(original_ffn)  # names the base this fine-tune starts from
+    settings = finetune_settings(args, out_dir, seed)
+    base_ffn = taia.fingerprint(original_ffn)  # what infer.py checks the snapshot and the base against
     batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)
-    train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
-               resume_key(settings, seed=seed, base_ffn=base_ffn))
+    stopped = train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
+                         resume_key(settings))
     # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
     # put back by taia.rebuild. Under LoRA, save the fully merged weights: every mode derives from base +
     # tuned, and for LoRA combine(base, merged, "taia") equals merging only the attention adapters.
     tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
     if is_main(args):
-        save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
-        save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
-                        {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": asdict(model.cfg),
-                         "base_ffn": base_ffn, "finetune": settings, "init_from": settings["init_from"]})
+        # In an order that leaves a consistent directory at every instant: the old results and fine-tune go
+        # first, finetuned.pt (whose presence says "fine-tuning finished") comes last.
+        remove(*(os.path.join(out_dir, FILES[k]) for k in ("results", "auto", "tuned")))
         if args.init_from:  # infer.py finds every file it needs in out_dir; the base stays in DIR
             with atomic_write(os.path.join(out_dir, FILES["tokenizer"])) as tmp:
                 shutil.copyfile(tokenizer_path, tmp)
-    finish_stage(args, out_dir, "finetune")
+        save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
+        save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
+                        {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": asdict(model.cfg),
+                         "base_ffn": base_ffn, "finetune": settings, "init_from": settings["init_from"],
+                         "tokenizer": file_fingerprint(os.path.join(out_dir, FILES["tokenizer"]))})
+    finish_stage(args, out_dir, "finetune", stopped)
 
 
 def stage_eval(args, out_dir: str, started: float) -> dict:
@@ -313,7 +364,8 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     """AdamW, warmup + cosine, gradient clipping at 1.0. Every step takes one global batch from `batches`;
     this process runs its share in micro-batches, and the loss is the sum over the batch's target tokens
     divided by their number, so any split over micro-batches and processes gives the same gradient.
-    `run_key` names what a resumed run must share with the stopped one."""
+    `run_key` names what a resumed run must share with the stopped one. Returns whether a Ctrl-C came with
+    or after the last step: the stage then saves its outputs and the run stops."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     autocast, scaler = mixed_precision(args)
@@ -333,7 +385,9 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             loss = 0.0
             for i, (x, y) in enumerate(mine):
                 x, y = x.to(args.device), y.to(args.device)
-                with gradient_sync(trained, args, last=i == len(mine) - 1):
+                index = args.rank + i * args.world_size  # this micro-batch's place in the global batch
+                with (gradient_sync(trained, args, last=i == len(mine) - 1),
+                      dropout_seed(run_key["seed"], step, index, args)):
                     with autocast:
                         logits = trained(x)
                         # DDP averages gradients over processes: * world_size makes it their sum.
@@ -351,9 +405,11 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             optimizer.zero_grad(set_to_none=True)
             progress.step_done(step + 1, loss, step_lr, grad_norm, inputs)
             state.after_update(step + 1, steps)
-            if stop_now:
+            if stop_now and step + 1 < steps:
                 state.stop(step + 1, steps)
+        stopped = agree(0.0, stop, args)[1]  # asked to stop with (or after) the last step
     model.eval()
+    return stopped
 
 
 # ---- what the stages share -----------------------------------------------------------------------
@@ -387,17 +443,38 @@ def toy_world_is_there(paths: dict, stamp: str, seed: int) -> bool:
     return isinstance(written, dict) and written.get("seed") == seed
 
 
+# A stage's settings: its flags, the seed, and its inputs named by content (file_fingerprint), so that a
+# changed file counts as a changed setting. Its output file records them; --resume compares them.
 PRETRAIN_KEYS = ("pretrain_text", "pretrain_steps", "pretrain_lr", "batch_tokens", "seq_len", "weight_decay",
-                 "vocab_size")
+                 "vocab_size", "preset", "dim", "n_layers", "hidden_dim", "dtype")
 FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "template", "finetune_steps", "finetune_lr",
-                 "finetune_batch", "train_scope", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_dropout")
+                 "finetune_batch", "train_scope", "freeze_embeddings", "lora_rank", "lora_alpha", "lora_dropout",
+                 "dtype")
 
 
-def finetune_settings(args) -> dict:
+def pretrain_text_path(args, out_dir: str) -> str:
+    return args.pretrain_text or toy_paths(out_dir)["pretrain"]
+
+
+def finetune_path(args, out_dir: str) -> str:
+    return args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set]
+
+
+def pretrain_settings(args, out_dir: str, seed: int) -> dict:
+    return {**{k: getattr(args, k) for k in PRETRAIN_KEYS}, "seed": seed,
+            "pretrain_data": file_fingerprint(pretrain_text_path(args, out_dir))}
+
+
+def finetune_settings(args, out_dir: str, seed: int) -> dict:
     settings = {k: getattr(args, k) for k in FINETUNE_KEYS}
     if settings["init_from"]:
         settings["init_from"] = os.path.abspath(args.init_from)
-    return settings
+        base_files = sorted(glob.glob(os.path.join(glob.escape(args.init_from), "*.safetensors"))) + [
+            os.path.join(args.init_from, name) for name in ("config.json", "tokenizer.model")]
+    else:
+        base_files = [os.path.join(out_dir, FILES["base"])]  # which names its tokenizer by fingerprint
+    return {**settings, "seed": seed, "finetune_data": file_fingerprint(finetune_path(args, out_dir)),
+            "base": file_fingerprint(*base_files)}
 
 
 def resume_key(settings: dict, **more) -> dict:
@@ -406,20 +483,40 @@ def resume_key(settings: dict, **more) -> dict:
     return {**{k: v for k, v in settings.items() if not k.endswith("_lr")}, **more}
 
 
-def finished(args, out_dir: str, stage: str) -> bool:
-    """With --resume, a training stage whose output is there and that left no state is done already."""
+def finished(args, out_dir: str, stage: str, seed: int) -> bool:
+    """With --resume, a training stage whose output is there and that left no state is done already, if
+    that output was made with the settings and inputs of this run. One made otherwise is refused: skipping
+    the stage would report a model these flags did not train."""
     path = os.path.join(out_dir, FILES["base" if stage == "pretrain" else "tuned"])
-    if args.resume and os.path.exists(path) and not os.path.exists(state_path(out_dir, stage)):
-        log(args, f"{stage}: finished already ({path}); skipped")
-        return True
-    return False
+    if not (args.resume and os.path.exists(path) and not os.path.exists(state_path(out_dir, stage))):
+        return False
+    made_with = load_checkpoint(path, keys=(stage,), mmap=True)[stage]
+    settings = (pretrain_settings if stage == "pretrain" else finetune_settings)(args, out_dir, seed)
+    differ = [f"{k} {made_with.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(settings) | set(made_with))
+              if made_with.get(k) != settings.get(k)]
+    if differ:
+        raise UserError(f"--resume: {path} was made with other settings or inputs ({'; '.join(differ)}): run "
+                        f"without --resume to redo {stage}, or resume with the same flags and files")
+    log(args, f"{stage}: finished already with these settings ({path}); skipped")
+    return True
 
 
-def finish_stage(args, out_dir: str, stage: str):
-    """The stage's outputs are on disk: its resumable state is no longer needed."""
-    if is_main(args) and os.path.exists(state_path(out_dir, stage)):
-        os.remove(state_path(out_dir, stage))
+def finish_stage(args, out_dir: str, stage: str, stopped: bool):
+    """The stage's outputs are on disk: its resumable state is no longer needed. A Ctrl-C that came with the
+    last step stops the run here, before the next stage."""
+    if is_main(args):
+        remove(state_path(out_dir, stage))
     barrier(args)
+    if stopped:
+        raise Interrupted(f"{stage}: Ctrl-C came with its last step, so the stage finished and saved its outputs, "
+                          "and the run stopped before the next stage (--resume goes on from there)")
+
+
+def on_disk(out_dir: str) -> str:
+    """Which of a run's files are in out_dir now: what a stopped run tells its user."""
+    names = ["data/", *FILES.values(), FILES["tokenizer"] + ".new", state_path("", "pretrain"), state_path("", "finetune")]
+    there = [name for name in names if os.path.exists(os.path.join(out_dir, name))]
+    return f"{out_dir} holds {', '.join(there)}" if there else f"nothing of this run is in {out_dir}"
 
 
 def summarise(reports: list[dict]) -> str:

@@ -2,11 +2,13 @@
 batch samplers train.py draws from.
 
 Formats (the toy world writes these; a user's own data takes the same form):
-- pretraining text: a plain UTF-8 file, one document per line;
+- pretraining text: a plain UTF-8 file, one document per line (of any length);
 - examples: JSONL, one {"prompt": str, "response": str} object per line (Alpaca's
   {"instruction", "input", "output"} is accepted too). The model sees
   BOS + template(prompt) + " " + response + EOS, and the fine-tuning loss counts only the response and
   EOS. The template is "{prompt}" (the prompt verbatim) unless train.py's --template says otherwise.
+Only regular files are read. Text that UTF-8 cannot encode (a stray byte, a lone surrogate escaped in
+JSON) is refused with its file and line, before sentencepiece fails on it.
 """
 import io
 import json
@@ -18,12 +20,45 @@ import torch
 from common import UserError, write_text
 
 
-def read_lines(path: str) -> list[str]:
+def check_utf8(text: str, where: str) -> str:
+    """sentencepiece (and every file a run writes) takes UTF-8 only, yet a Python str can hold what UTF-8
+    cannot encode: a lone surrogate from a JSON escape such as "\\ud800", or a byte that was not UTF-8 in
+    a file read with surrogateescape or in a command-line argument (Python keeps it as U+DC80..U+DCFF)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(e.object[e.start])
+        what = f"the byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"a lone surrogate U+{char:04X}"
+        raise UserError(f"{where} is not valid UTF-8 text ({what})") from None
+    return text
+
+
+def check_utf8_args(args: dict):
+    """Every text and path flag of a program (vars() of its parsed arguments) is UTF-8 text."""
+    for name, value in args.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                check_utf8(text, f"--{name}")
+
+
+def read_text_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file; a byte that is not UTF-8 is reported with its line number. Only a
+    regular file is read: a named pipe or a device (/dev/stdin, /dev/zero) would wait for a writer that
+    never comes, or never end."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"cannot read {path}: not a regular file (a folder, a named pipe or a device)")
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    for number, line in enumerate(lines, 1):
+        check_utf8(line, f"{path}:{number}")
+    return lines
+
+
+def read_lines(path: str) -> list[str]:
+    lines = [line.rstrip("\n") for line in read_text_lines(path) if line.strip()]
     if not lines:
         raise UserError(f"{path} holds no text")
     return lines
@@ -31,19 +66,16 @@ def read_lines(path: str) -> list[str]:
 
 def read_examples(path: str) -> list[dict]:
     """JSONL -> [{"prompt", "response"}]; a malformed line is reported with its file and line number."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     examples = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_text_lines(path), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        except RecursionError:  # json gives up on arrays or objects nested ~1,000 deep
+            raise UserError(f"{path}:{number}: JSON nested too deeply to read") from None
         if isinstance(row, dict) and "instruction" in row and "output" in row:  # Alpaca
             if not all(isinstance(row.get(k, ""), str) for k in ("instruction", "input", "output")):
                 raise UserError(f'{path}:{number}: "instruction", "input" and "output" must be strings')
@@ -52,10 +84,32 @@ def read_examples(path: str) -> list[dict]:
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
                 and isinstance(row.get("response"), str)):
             raise UserError(f'{path}:{number}: expected an object with string "prompt" and "response"')
+        for key in ("prompt", "response"):
+            check_utf8(row[key], f'{path}:{number}: "{key}"')
         examples.append({"prompt": row["prompt"], "response": row["response"]})
     if not examples:
         raise UserError(f"{path} holds no examples")
     return examples
+
+
+SENTENCEPIECE_MAX_BYTES = 4192  # the trainer's max_sentence_length: it skips any longer line, silently
+
+
+def tokenizer_sentences(lines: list[str]):
+    """The lines as the tokenizer trainer takes them: a line longer than SENTENCEPIECE_MAX_BYTES (a whole
+    document on one line) goes in pieces, cut at a space where there is one, never inside a character.
+    Whole, it would be skipped, and a text of only such lines would leave the trainer nothing."""
+    for line in lines:
+        data = line.encode("utf-8")
+        while len(data) > SENTENCEPIECE_MAX_BYTES:
+            cut = data.rfind(b" ", 1, SENTENCEPIECE_MAX_BYTES + 1)
+            if cut < 1:
+                cut = SENTENCEPIECE_MAX_BYTES
+                while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to the character's start
+                    cut -= 1
+            yield data[:cut].decode("utf-8")
+            data = data[cut:]
+        yield data.decode("utf-8")
 
 
 def train_tokenizer(lines: list[str], path: str, vocab_size: int):
@@ -63,8 +117,9 @@ def train_tokenizer(lines: list[str], path: str, vocab_size: int):
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True,  # any UTF-8 text encodes, even unseen characters
+            sentence_iterator=tokenizer_sentences(lines), model_writer=buffer, model_type="bpe",
+            vocab_size=vocab_size, character_coverage=1.0,
+            byte_fallback=True,  # any UTF-8 text encodes, even unseen characters
             hard_vocab_limit=False, bos_id=1, eos_id=2, pad_id=-1, unk_id=0, minloglevel=2,
             num_threads=1)  # one thread: the same corpus gives the same tokenizer every time
     except RuntimeError as e:  # e.g. a vocabulary too small for the text's characters

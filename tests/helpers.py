@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # A model of 0.06M parameters on short windows and small batches; each test adds its own step counts.
 TINY = ["--dim", "32", "--n_layers", "1", "--hidden_dim", "64", "--seq_len", "32", "--batch_tokens", "512",
         "--micro_batch", "8", "--finetune_batch", "8", "--log_interval", "1"]
+# A whole run of that model: pretraining and fine-tuning of two steps each.
+TINY_RUN = [*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"]
 # One thread per program: tests run side by side on two cores, and results must not depend on it.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")

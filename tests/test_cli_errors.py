@@ -4,17 +4,9 @@ import os
 import pytest
 import torch
 
-from helpers import ENV, ROOT, TINY, assert_one_line_error, run, write
+from helpers import ENV, ROOT, TINY_RUN, assert_one_line_error, run, write
 
-TINY = [*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run("train.py", "--out_dir", out, *TINY, cwd=out.parent)
-    assert result.returncode == 0, result.stderr
-    return out
+TINY = TINY_RUN
 
 
 def test_infer_compile_answers_as_eager_decoding_and_falls_back_without_a_compiler(trained, tmp_path):

@@ -220,9 +220,24 @@ def refused_cases(dirs, tmp_path):
     state = load_file(dirs / "tuned" / "model.safetensors")
     for name, changed, expected in (("shape", {**state, "model.norm.weight": torch.ones(3)}, "[3] in TUNED_DIR"),
                                     ("group", {**state, "model.layers.0.mlp.router.weight": torch.ones(3)},
-                                     "cannot tell which group")):
+                                     "cannot tell which group"),
+                                    ("int32", {**state, "model.norm.weight": state["model.norm.weight"].int()},
+                                     "model.norm.weight in model.safetensors is I32: only floating-point")):
         bad = shutil.copytree(dirs / "tuned", tmp_path / name)
         save_file(changed, bad / "model.safetensors", metadata={"format": "pt"})
+        cases.append((("full", dirs / "base", bad), expected))
+    # A download cut short, an empty file, a header without the tensors after it; JSON of the wrong shape.
+    raw = (dirs / "tuned" / "model.safetensors").read_bytes()
+    header_only = raw[:8 + int.from_bytes(raw[:8], "little")]
+    for name, file, content, expected in (
+            ("truncated", "model.safetensors", raw[:len(raw) // 2], "model.safetensors is not a readable safetensors"),
+            ("empty", "model.safetensors", b"", "model.safetensors is not a readable safetensors"),
+            ("header_only", "model.safetensors", header_only, "model.safetensors is not a readable safetensors"),
+            ("config_list", "config.json", b"[]", "config.json does not hold a JSON object"),
+            ("index_list", "model.safetensors.index.json", b"[]", "index.json does not hold a JSON object"),
+            ("weight_map_list", "model.safetensors.index.json", b'{"weight_map": []}', "has no weight_map")):
+        bad = shutil.copytree(dirs / "tuned", tmp_path / name)
+        (bad / file).write_bytes(content)
         cases.append((("full", dirs / "base", bad), expected))
 
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
@@ -233,6 +248,8 @@ def refused_cases(dirs, tmp_path):
             ({**config, "target_modules": ["k_proj"]}, good, "not in target_modules"),
             (config, {a: torch.ones(3, 32), b: torch.ones(32, 3)}, "do not fit r = 2"),
             (config, {**good, "base_model.model.lm_head.weight": torch.ones(100, 32)}, "not a LoRA matrix"),
+            (config, {a: torch.ones(2, 32, dtype=torch.int32), b: torch.ones(32, 2)}, "lora_A.weight in "
+             "adapter_model.safetensors is I32"),
             ("{not json", good, "not valid JSON"))):
         adapter = tmp_path / f"adapter_{i}"
         adapter.mkdir()

@@ -83,6 +83,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted
     assert "Traceback" not in stderr and "--resume" in stderr.splitlines()[-1]
     state = torch.load(stopped / "finetune_state.pt", weights_only=True)
     assert 5 <= state["step"] < 150 and not (stopped / "finetuned.pt").exists()
+    # Only what trains is in the state (the adapters); the frozen base is named by its fingerprint.
+    assert state["model"] and all(name.endswith((".lora_A", ".lora_B")) for name in state["model"])
+    assert state["run"]["base"] == torch.load(whole / "finetuned.pt", weights_only=True)["finetune"]["base"]
 
     result = train("--out_dir", stopped, *finetune, "--resume")
     assert result.returncode == 0, result.stderr
@@ -170,6 +173,18 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     assert len(losses[0]) == 7 and losses[0] == losses[1]  # printed once (rank 0), the same to 4 decimals
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert one["results"] == two["results"]
+    # LoRA with dropout: each micro-batch draws its masks by its place in the global batch, not by process.
+    lora = ["--stage", "finetune", "--lora_rank", "2", "--lora_dropout", "0.05", "--finetune_lr", "1e-2"]
+    assert train("--out_dir", tmp_path / "one", *flags, *lora).returncode == 0
+    double = train("--out_dir", tmp_path / "two", *flags, *lora, launcher=TORCHRUN_2)
+    assert double.returncode == 0, double.stderr
+    assert_same_weights(weights(tmp_path / "two" / "finetuned.pt"), weights(tmp_path / "one" / "finetuned.pt"),
+                        atol=1e-5)
+    # ... and dropout did change the updates (so the test above could have failed).
+    no_dropout = copy_of(tmp_path / "one", tmp_path, "no_dropout")
+    assert train("--out_dir", no_dropout, *flags, *lora, "--lora_dropout", "0").returncode == 0
+    a, b = weights(no_dropout / "finetuned.pt"), weights(tmp_path / "one" / "finetuned.pt")
+    assert max((a[k] - b[k]).abs().max() for k in a) > 1e-4
 
 
 def test_compiled_training_saves_plain_parameter_names(tmp_path):

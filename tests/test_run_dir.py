@@ -1,0 +1,202 @@
+"""A run directory never gives a silently wrong answer: --resume checks what it skips, files are named by
+content (inputs, tokenizer), one run at a time holds an out_dir, --json never overwrites what a command
+reads, a Ctrl-C is never swallowed and says what is on disk, and a save that fails leaves nothing behind."""
+import fcntl
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from helpers import TINY, TINY_RUN, assert_one_line_error, run, start, write
+
+
+def train(out, *args):
+    return run("train.py", "--out_dir", out, *TINY_RUN, *args)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory) -> Path:
+    """The tokenizer of another run: the same number of pieces, trained on another seed's world."""
+    out = tmp_path_factory.mktemp("other") / "out"
+    result = train(out, "--seed", "1", "--stage", "pretrain")
+    assert result.returncode == 0, result.stderr
+    return out / "tokenizer.model"
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "out"))
+
+
+def drop_last_line(path: Path):
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--lora_rank", "2"], "lora_rank 0 -> 2"),  # a LoRA re-fine-tune over a finished full fine-tune
+    (["--dim", "64"], "dim 32 -> 64"),
+    (["--dtype", "bfloat16"], "dtype 'float32' -> 'bfloat16'"),
+    ("data/finetune_ood.jsonl", "finetune_data"),  # the same path, other contents
+    ("data/pretrain.txt", "pretrain_data"),
+])
+def test_resume_refuses_a_finished_stage_made_with_other_settings_or_inputs(trained, tmp_path, change, expected):
+    out = copy_of(trained, tmp_path)
+    tuned = (out / "finetuned.pt").read_bytes()
+    if isinstance(change, str):
+        drop_last_line(out / change)
+        change = []
+    result = train(out, "--resume", *change)
+    assert_one_line_error(result, expected)
+    assert "--resume:" in result.stderr and "made with other settings or inputs" in result.stderr
+    assert (out / "finetuned.pt").read_bytes() == tuned
+
+
+def test_resume_skips_a_stage_finished_with_the_same_settings(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    tuned = (out / "finetuned.pt").read_bytes()
+    result = train(out, "--resume")
+    assert result.returncode == 0, result.stderr
+    for stage in ("pretrain", "finetune"):
+        assert f"{stage}: finished already with these settings" in result.stdout
+    assert (out / "finetuned.pt").read_bytes() == tuned
+
+
+def test_a_stopped_stage_does_not_resume_over_a_changed_input(tmp_path):
+    out = tmp_path / "out"
+    proc = start("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400")
+    for line in proc.stdout:
+        if "pretrain step 3/400" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and (out / "pretrain_state.pt").exists(), stderr
+    drop_last_line(out / "data/pretrain.txt")
+    result = run("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400", "--resume")
+    assert_one_line_error(result, "pretrain_data")
+
+
+def test_another_runs_tokenizer_is_refused_though_its_size_is_the_same(trained, other_tokenizer, tmp_path):
+    out = copy_of(trained, tmp_path)
+    shutil.copyfile(other_tokenizer, out / "tokenizer.model")
+    assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "is not the tokenizer")
+    assert_one_line_error(train(out, "--stage", "eval"), "is not the tokenizer")
+    assert_one_line_error(train(out, "--stage", "finetune"), "is not the tokenizer")
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    lock = common.DirectoryLock(str(out))  # this test process is "the other run"
+    try:
+        assert_one_line_error(train(out), f"is in use by another run (pid {os.getpid()})")
+    finally:
+        lock.release()
+    assert {p: p.read_bytes() for p in before} == before
+    assert train(out, "--stage", "eval").returncode == 0  # released: the next run may go on
+
+
+def test_the_lock_goes_with_its_holder(tmp_path):
+    """flock, not a file's presence: a holder that is gone (killed) holds nothing."""
+    lock = common.DirectoryLock(str(tmp_path))
+    with open(tmp_path / ".lock") as f:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.release()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    test_set = out / "data/ood_test.jsonl"
+    elsewhere = tmp_path / "other.pt"
+    torch.save({"model": {}}, elsewhere)
+    for target, expected in [(out / "finetuned.pt", "one of this command's inputs"),
+                             (test_set, "one of this command's inputs"),
+                             (out / "tokenizer.model", "one of this command's inputs"),
+                             (elsewhere, "is not an earlier result")]:
+        before = target.read_bytes()
+        assert_one_line_error(run("infer.py", "--out_dir", out, "--eval", test_set, "--json", target), expected)
+        assert target.read_bytes() == before
+    earlier = write(tmp_path / "results.json", '{"results": {}}')  # an earlier result is replaced
+    assert run("infer.py", "--out_dir", out, "--eval", test_set, "--json", earlier).returncode == 0
+    assert "ood_test" in earlier.read_text()
+
+
+def files_in(out: Path) -> set[str]:
+    return {p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock"}
+
+
+SLOW_STEPS = ["--micro_batch", "1", "--batch_tokens", "8192"]  # 256 micro-batches a step: time to send a signal
+
+
+def test_ctrl_c_in_the_last_step_of_a_stage_saves_it_and_stops_before_the_next(tmp_path):
+    out = tmp_path / "out"
+    flags = [*TINY, *SLOW_STEPS, "--pretrain_steps", "2", "--finetune_steps", "400"]
+    proc = start("train.py", "--out_dir", out, *flags)
+    for line in proc.stdout:
+        if "pretrain step 1/2" in line:  # step 2, the stage's last, is running now
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "pretrain: Ctrl-C came with its last step" in last, stderr
+    assert last.endswith(f"{out} holds data/, base.pt, tokenizer.model")  # exactly what is there:
+    assert files_in(out) == {"data/", "tokenizer.model", "base.pt"}
+    torch.load(out / "base.pt", weights_only=True)
+    resumed = run("train.py", "--out_dir", out, *flags, "--finetune_steps", "2", "--resume")  # goes on from there
+    assert resumed.returncode == 0, resumed.stderr
+    assert "pretrain: finished already with these settings" in resumed.stdout and (out / "results.json").exists()
+
+
+def test_ctrl_c_before_anything_is_saved_says_so(trained, tmp_path):
+    data = trained / "data"  # all data the user's own: the run writes nothing before base.pt
+    own = ["--pretrain_text", data / "pretrain.txt", "--finetune", data / "finetune_ood.jsonl",
+           "--eval", data / "ood_test.jsonl"]
+    out = tmp_path / "out"
+    proc = start("train.py", "--out_dir", out, *TINY, *own, *SLOW_STEPS, "--pretrain_steps", "400")
+    for line in proc.stdout:
+        if "pretrain step 1/400" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    assert "stopping after this step" in proc.stderr.readline() + proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)  # again: stop at once, without saving
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted: stopped at once; {out} holds tokenizer.model.new"
+    assert files_in(out) == {"tokenizer.model.new"}  # the tokenizer waits under its own name for base.pt
+
+
+def test_a_new_pretraining_removes_what_was_made_from_the_old_base(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    result = train(out, "--stage", "pretrain", "--pretrain_steps", "4")
+    assert result.returncode == 0, result.stderr
+    assert files_in(out) == {"data/", "base.pt", "tokenizer.model"}
+    assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "finetuned.pt")
+
+
+def test_stale_temporary_files_are_removed_and_an_unusable_out_dir_is_refused_up_front(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    for stale in (out / "base.pt.tmp", out / "data" / "ood_test.jsonl.tmp"):
+        stale.write_bytes(b"half a file")
+    assert train(out, "--stage", "eval").returncode == 0
+    assert not list(out.rglob("*.tmp"))
+    not_a_folder = write(tmp_path / "file", "x")
+    assert_one_line_error(train(not_a_folder / "out"), "cannot create the folder")
+
+
+def test_a_failed_save_is_one_line_and_leaves_the_old_file_and_no_tmp(tmp_path, monkeypatch):
+    path = tmp_path / "base.pt"
+    path.write_bytes(b"the good file")
+
+    def disk_full(obj, f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(common.UserError, match="cannot write .*base.pt: No space left on device"):
+        common.save_checkpoint(str(path), {"model": {}})
+    assert path.read_bytes() == b"the good file" and not (tmp_path / "base.pt.tmp").exists()
