@@ -4,11 +4,11 @@ and the command-line runner. Imports nothing from the programs.
 """
 import argparse
 import fcntl
-import glob
 import hashlib
 import json
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 
 import torch
@@ -63,10 +63,13 @@ def make_dir(path: str):
 
 
 def save_checkpoint(path: str, obj: dict):
-    # Through a Python file, so that a refused write (full disk) is an OSError that atomic_write reports
-    # in one line; torch.save given a path raises a RuntimeError for it.
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's writer reports a write the disk refused as an error of its own
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None  # which atomic_write turns into one line
+            raise
 
 
 def remove(*paths: str):
@@ -82,6 +85,7 @@ def file_fingerprint(*paths: str) -> str:
     digest, size = hashlib.sha256(), 0
     for path in paths:
         try:
+            digest.update(f"{os.path.basename(path)} {os.path.getsize(path)}\n".encode())  # where each file ends
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
@@ -92,36 +96,35 @@ def file_fingerprint(*paths: str) -> str:
 
 
 class DirectoryLock:
-    """One run at a time per out_dir: an exclusive lock (flock) on OUT/.lock, which holds the holder's
+    """One run at a time per folder: an exclusive lock (flock) on FOLDER/.lock, which holds the holder's
     pid. The operating system releases it when the holder exits, however it exits, so a killed run never
-    leaves a stale lock behind. Creating the lock file also proves the folder writable before any
-    training starts. While held, *.tmp files in the folder are leftovers of a killed save: removed."""
+    leaves a stale lock behind. Taking it also checks, before any training, that files can be created in
+    the folder. Use as `with DirectoryLock(folder):`."""
 
     def __init__(self, folder: str):
-        make_dir(folder)
-        self.path = os.path.join(folder, ".lock")
+        self.folder = folder
+
+    def __enter__(self):
+        make_dir(self.folder)
         try:
-            self.file = open(self.path, "a+")
+            self.file = open(os.path.join(self.folder, ".lock"), "a+")
+            tempfile.TemporaryFile(dir=self.folder).close()  # a file of our own can be created here
         except OSError as e:
-            raise UserError(f"cannot write in {folder}: {e.strerror or e}") from None
+            raise UserError(f"cannot write in {self.folder}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
+            holder = self.file.read().strip() or "unknown"
             self.file.close()
-            raise UserError(f"{folder} is in use by another run (pid {holder}); wait for it, or use another "
+            raise UserError(f"{self.folder} is in use by another run (pid {holder}); wait for it, or use another "
                             "--out_dir") from None
-        try:
-            self.file.truncate(0)
-            self.file.write(str(os.getpid()))
-            self.file.flush()
-        except OSError as e:
-            raise UserError(f"cannot write in {folder}: {e.strerror or e}") from None
-        for stale in glob.glob(os.path.join(glob.escape(folder), "**", "*.tmp"), recursive=True):
-            os.remove(stale)
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
 
-    def release(self):
+    def __exit__(self, *exc):
         self.file.close()  # closing the file releases the lock
 
 

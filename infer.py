@@ -397,20 +397,23 @@ def parse_args(argv=None):
 
 
 def check_json_target(args):
-    """--json never overwrites what this command reads (a checkpoint, the tokenizer, an --eval or --dev
-    file) nor any file that is not a JSON document itself (an earlier result)."""
+    """--json replaces only an earlier result of its own kind ({"results": ...}), never a file this command
+    reads (a checkpoint, the tokenizer, an --eval or --dev file) or any other file of the run."""
     if not args.json or not os.path.exists(args.json):
         return
     inputs = [*args.eval, args.dev, *(os.path.join(args.out_dir, name) for name in FILES.values())]
     if any(path and os.path.exists(path) and os.path.samefile(path, args.json) for path in inputs):
-        raise UserError(f"--json {args.json} is one of this command's inputs: write the results elsewhere")
-    try:
-        if not os.path.isfile(args.json):
-            raise ValueError("not a regular file")
-        with open(args.json, encoding="utf-8") as f:
-            json.load(f)
-    except (OSError, ValueError, RecursionError):
-        raise UserError(f"--json {args.json} exists and is not an earlier result (a JSON file): not overwritten") from None
+        raise UserError(f"--json {args.json} is one of this command's inputs or the run's files: write the results "
+                        "elsewhere")
+    earlier = None
+    if os.path.isfile(args.json):  # (a named pipe would never answer)
+        try:
+            with open(args.json, encoding="utf-8") as f:
+                earlier = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            pass
+    if not (isinstance(earlier, dict) and set(earlier) == {"results"}):
+        raise UserError(f"--json {args.json} exists and is not an earlier result of infer.py --json: not overwritten")
 
 
 def main(argv=None):

@@ -98,12 +98,14 @@ def gradient_sync(trained, args, last: bool):
 
 
 @contextmanager
-def dropout_seed(seed: int, step: int, index: int, args):
+def dropout_seed(seed: int, step: int, mine: int, args):
     """Dropout (LoRA's) draws its masks from a random stream of their own for each micro-batch, seeded by the
-    run's seed, the step and the micro-batch's index in the global batch. The masks do not depend on which
+    run's seed, the step and the micro-batch's index in the global batch (this process's micro-batch `mine`
+    is number rank + mine * world_size there, as my_micro_batches deals them). The masks do not depend on which
     process runs a micro-batch, so 1 and N processes make the same updates (whenever they split the batch
     into the same micro-batches), and a resumed run needs no process's random state to draw them again.
     The stream outside is left as it was."""
+    index = args.rank + mine * args.world_size
     key = hashlib.sha256(f"{seed}/{step}/{index}".encode()).digest()
     with torch.random.fork_rng(devices=[args.device] if args.device.startswith("cuda") else []):
         torch.manual_seed(int.from_bytes(key[:8], "little") >> 1)
@@ -283,12 +285,12 @@ def set_lr(optimizer, lr: float) -> float:
 # ---- stopping: Ctrl-C, and losses that are no longer numbers ------------------------------------------
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on request after saving a resumable checkpoint (exit status 130)."""
+    """Training stopped on request (exit status 130); the message says what is on disk."""
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM while training: finish the current step, save, exit. A second Ctrl-C
-    stops at once, without saving."""
+    """Ctrl-C (SIGINT) or SIGTERM while training or saving a stage's outputs: finish the current step (or
+    the saving), save, exit. A second Ctrl-C stops at once, without saving."""
 
     def __enter__(self):
         self.requested = False
@@ -299,8 +301,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint to resume from "
-              "(Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (or once the outputs being written are "
+              "saved), with a checkpoint to resume from; Ctrl-C again stops at once, without saving", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -371,7 +373,7 @@ class TrainingState:
             return 0
         state = load_checkpoint(self.path, keys=("model", "optimizer", "scaler", "step", "data", "rng", "run"))
         if state["run"] != self.run_key:
-            differ = sorted(k for k in self.run_key if state["run"].get(k) != self.run_key[k])
+            differ = sorted(k for k in set(self.run_key) | set(state["run"]) if state["run"].get(k) != self.run_key.get(k))
             raise UserError(f"{self.path} was saved by a run with other settings ({', '.join(differ)}); "
                             "resume with the same settings, or delete it to start over")
         trained = trained_tensors(self.model)

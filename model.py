@@ -400,6 +400,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
                  rope_theta=hf_field(rope, "rope_theta", float, hf_field(hf, "rope_theta", float, 10000.0)),
                  max_seq_len=hf_field(hf, "max_position_embeddings", int, 2048),
                  tie_embeddings=hf_field(hf, "tie_word_embeddings", bool, False))
+    if sizes["max_seq_len"] > 2 ** 22:  # the RoPE tables alone would take gigabytes
+        raise CheckpointError(f"config.json: max_position_embeddings {sizes['max_seq_len']:,} is beyond what this "
+                              "loader reads (4,194,304)")
     try:
         cfg = ModelConfig(**sizes)
     except ValueError as e:  # heads that do not divide the width

@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -181,9 +182,14 @@ def check_inputs(args):
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
-    # One run at a time in an out_dir (for a torchrun job, rank 0 holds the lock); the lock also proves the
-    # folder writable before any training starts.
-    lock = DirectoryLock(args.out_dir) if os.environ.get("RANK", "0") == "0" else None
+    # One run at a time in an out_dir (for a torchrun job, rank 0 holds the lock); taking it also shows the
+    # folder is writable before any training starts.
+    with DirectoryLock(args.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        run_seeds(args)
+
+
+def run_seeds(args):
+    """Every stage, for one seed or several (each in OUT/seed_K), under torchrun or not."""
     init_distributed(args)
     try:
         if args.seeds == 1:
@@ -200,13 +206,13 @@ def main(argv=None):
         barrier(args)  # leave together: a process that tears down gloo while rank 0 still writes aborts
     finally:
         close_distributed(args)
-        if lock:
-            lock.release()
 
 
 def run(args, out_dir: str, seed: int) -> dict | None:
     """The stages --stage asks for, in order; returns the eval report when eval ran. Stopped at any moment
     (Ctrl-C), it says exactly which of the run's files are on disk."""
+    if is_main(args):
+        remove_leftovers(out_dir)
     try:
         return run_stages(args, out_dir, seed)
     except KeyboardInterrupt as e:
@@ -275,19 +281,13 @@ def stage_pretrain(args, out_dir: str, seed: int):
     log(args, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}")
     batches = WindowBatches(stream, max(1, args.batch_tokens // args.seq_len), args.seq_len, seed)
     settings = pretrain_settings(args, out_dir, seed)
-    stopped = train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain",
-                         out_dir, resume_key(settings, config=asdict(cfg)))
-    if is_main(args):
-        # Files go in an order that leaves a consistent directory at every instant: first whatever was made
-        # from the old base (and the old base), then the new tokenizer, base.pt last. base.pt names its
-        # tokenizer by fingerprint, and its presence is what says "pretraining finished".
-        remove(*(os.path.join(out_dir, FILES[k]) for k in ("results", "auto", "tuned", "snapshot", "base")),
-               state_path(out_dir, "finetune"))
-        os.replace(tokenizer_path + ".new", tokenizer_path)
-        save_checkpoint(os.path.join(out_dir, FILES["base"]),
-                        {"model": model.state_dict(), "config": asdict(cfg), "seed": seed, "pretrain": settings,
-                         "tokenizer": file_fingerprint(tokenizer_path)})
-    finish_stage(args, out_dir, "pretrain", stopped)
+    run_key = resume_key(settings, config=asdict(cfg), tokenizer=file_fingerprint(tokenizer_path + ".new"))
+    with StopRequest() as stop:  # a Ctrl-C from here on lets the step under way, or the saving, finish first
+        train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain",
+                   out_dir, run_key, stop)
+        if is_main(args):
+            save_pretrained(out_dir, model, settings, tokenizer_path)
+        finish_stage(args, out_dir, "pretrain", stop)
 
 
 def stage_finetune(args, out_dir: str, seed: int):
@@ -316,25 +316,16 @@ def stage_finetune(args, out_dir: str, seed: int):
     settings = finetune_settings(args, out_dir, seed)
     base_ffn = taia.fingerprint(original_ffn)  # what infer.py checks the snapshot and the base against
     batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)
-    stopped = train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
-                         resume_key(settings))
-    # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
-    # put back by taia.rebuild. Under LoRA, save the fully merged weights: every mode derives from base +
-    # tuned, and for LoRA combine(base, merged, "taia") equals merging only the attention adapters.
-    tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
-    if is_main(args):
-        # In an order that leaves a consistent directory at every instant: the old results and fine-tune go
-        # first, finetuned.pt (whose presence says "fine-tuning finished") comes last.
-        remove(*(os.path.join(out_dir, FILES[k]) for k in ("results", "auto", "tuned")))
-        if args.init_from:  # infer.py finds every file it needs in out_dir; the base stays in DIR
-            with atomic_write(os.path.join(out_dir, FILES["tokenizer"])) as tmp:
-                shutil.copyfile(tokenizer_path, tmp)
-        save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
-        save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
-                        {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": asdict(model.cfg),
-                         "base_ffn": base_ffn, "finetune": settings, "init_from": settings["init_from"],
-                         "tokenizer": file_fingerprint(os.path.join(out_dir, FILES["tokenizer"]))})
-    finish_stage(args, out_dir, "finetune", stopped)
+    with StopRequest() as stop:  # a Ctrl-C from here on lets the step under way, or the saving, finish first
+        train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
+                   resume_key(settings), stop)
+        # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
+        # put back by taia.rebuild. Under LoRA, save the fully merged weights: every mode derives from base +
+        # tuned, and for LoRA combine(base, merged, "taia") equals merging only the attention adapters.
+        tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
+        if is_main(args):
+            save_finetuned(out_dir, tuned, original_ffn, model.cfg, settings, base_ffn, tokenizer_path)
+        finish_stage(args, out_dir, "finetune", stop)
 
 
 def stage_eval(args, out_dir: str, started: float) -> dict:
@@ -360,12 +351,12 @@ def stage_eval(args, out_dir: str, started: float) -> dict:
 # ---- the training loop, shared by pretraining and fine-tuning ----------------------------------------
 
 def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay: float, args, stage: str,
-               out_dir: str, run_key: dict):
+               out_dir: str, run_key: dict, stop: StopRequest):
     """AdamW, warmup + cosine, gradient clipping at 1.0. Every step takes one global batch from `batches`;
     this process runs its share in micro-batches, and the loss is the sum over the batch's target tokens
     divided by their number, so any split over micro-batches and processes gives the same gradient.
-    `run_key` names what a resumed run must share with the stopped one. Returns whether a Ctrl-C came with
-    or after the last step: the stage then saves its outputs and the run stops."""
+    `run_key` names what a resumed run must share with the stopped one. A Ctrl-C (`stop`) before the last
+    step saves a resumable state and stops; one with the last step is the stage's to act on, once saved."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     autocast, scaler = mixed_precision(args)
@@ -374,42 +365,37 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     state = TrainingState(out_dir, stage, run_key, model, optimizer, scaler, batches, args)
     progress = Progress(model, args, stage, state.resume(steps), steps)
     model.train()
-    with StopRequest() as stop:
-        for step in progress:
-            step_lr = set_lr(optimizer, cosine_lr(step, steps, lr, warmup=max(1, steps // 20)))
-            state.before_batch()
-            inputs, targets = batches.next()
-            threads.next_step(step, inputs)
-            n_targets = int((targets != -100).sum())
-            mine = my_micro_batches(inputs, targets, args.micro_batch, args.rank, args.world_size)
-            loss = 0.0
-            for i, (x, y) in enumerate(mine):
-                x, y = x.to(args.device), y.to(args.device)
-                index = args.rank + i * args.world_size  # this micro-batch's place in the global batch
-                with (gradient_sync(trained, args, last=i == len(mine) - 1),
-                      dropout_seed(run_key["seed"], step, index, args)):
-                    with autocast:
-                        logits = trained(x)
-                        # DDP averages gradients over processes: * world_size makes it their sum.
-                        micro_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
-                                                     ignore_index=-100, reduction="sum") / n_targets * args.world_size
-                    scaler.scale(micro_loss).backward()
-                loss += micro_loss.item()
-            loss, stop_now = agree(loss, stop, args)  # the batch's loss; did any process get Ctrl-C?
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            check_finite(loss, grad_norm, scaler, step, state)  # stop before a nan reaches the weights
-            state.save_if_due(step)  # an interval checkpoint, one step late: this finite loss vouches for it
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step_done(step + 1, loss, step_lr, grad_norm, inputs)
-            state.after_update(step + 1, steps)
-            if stop_now and step + 1 < steps:
-                state.stop(step + 1, steps)
-        stopped = agree(0.0, stop, args)[1]  # asked to stop with (or after) the last step
+    for step in progress:
+        step_lr = set_lr(optimizer, cosine_lr(step, steps, lr, warmup=max(1, steps // 20)))
+        state.before_batch()
+        inputs, targets = batches.next()
+        threads.next_step(step, inputs)
+        n_targets = int((targets != -100).sum())
+        mine = my_micro_batches(inputs, targets, args.micro_batch, args.rank, args.world_size)
+        loss = 0.0
+        for i, (x, y) in enumerate(mine):
+            x, y = x.to(args.device), y.to(args.device)
+            with gradient_sync(trained, args, last=i == len(mine) - 1), dropout_seed(run_key["seed"], step, i, args):
+                with autocast:
+                    logits = trained(x)
+                    # DDP averages gradients over processes: * world_size makes it their sum.
+                    micro_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / n_targets * args.world_size
+                scaler.scale(micro_loss).backward()
+            loss += micro_loss.item()
+        loss, stop_now = agree(loss, stop, args)  # the batch's loss; did any process get Ctrl-C?
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        check_finite(loss, grad_norm, scaler, step, state)  # stop before a nan reaches the weights
+        state.save_if_due(step)  # an interval checkpoint, one step late: this finite loss vouches for it
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step_done(step + 1, loss, step_lr, grad_norm, inputs)
+        state.after_update(step + 1, steps)
+        if stop_now and step + 1 < steps:
+            state.stop(step + 1, steps)
     model.eval()
-    return stopped
 
 
 # ---- what the stages share -----------------------------------------------------------------------
@@ -452,6 +438,9 @@ FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "template", "finetune_
                  "dtype")
 
 
+PATHS = ("pretrain_text", "finetune", "init_from")  # recorded, but compared by the content they name
+
+
 def pretrain_text_path(args, out_dir: str) -> str:
     return args.pretrain_text or toy_paths(out_dir)["pretrain"]
 
@@ -469,7 +458,7 @@ def finetune_settings(args, out_dir: str, seed: int) -> dict:
     settings = {k: getattr(args, k) for k in FINETUNE_KEYS}
     if settings["init_from"]:
         settings["init_from"] = os.path.abspath(args.init_from)
-        base_files = sorted(glob.glob(os.path.join(glob.escape(args.init_from), "*.safetensors"))) + [
+        base_files = sorted(glob.glob(os.path.join(glob.escape(args.init_from), "model*.safetensors"))) + [
             os.path.join(args.init_from, name) for name in ("config.json", "tokenizer.model")]
     else:
         base_files = [os.path.join(out_dir, FILES["base"])]  # which names its tokenizer by fingerprint
@@ -479,8 +468,8 @@ def finetune_settings(args, out_dir: str, seed: int) -> dict:
 
 def resume_key(settings: dict, **more) -> dict:
     """What a resumed run must share with the stopped one: everything but the learning rate, which may be
-    lowered after a non-finite loss."""
-    return {**{k: v for k, v in settings.items() if not k.endswith("_lr")}, **more}
+    lowered after a non-finite loss, and the paths of inputs, whose contents are in the key instead."""
+    return {**{k: v for k, v in settings.items() if not k.endswith("_lr") and k not in PATHS}, **more}
 
 
 def finished(args, out_dir: str, stage: str, seed: int) -> bool:
@@ -493,7 +482,7 @@ def finished(args, out_dir: str, stage: str, seed: int) -> bool:
     made_with = load_checkpoint(path, keys=(stage,), mmap=True)[stage]
     settings = (pretrain_settings if stage == "pretrain" else finetune_settings)(args, out_dir, seed)
     differ = [f"{k} {made_with.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(settings) | set(made_with))
-              if made_with.get(k) != settings.get(k)]
+              if made_with.get(k) != settings.get(k) and k not in PATHS]
     if differ:
         raise UserError(f"--resume: {path} was made with other settings or inputs ({'; '.join(differ)}): run "
                         f"without --resume to redo {stage}, or resume with the same flags and files")
@@ -501,20 +490,58 @@ def finished(args, out_dir: str, stage: str, seed: int) -> bool:
     return True
 
 
-def finish_stage(args, out_dir: str, stage: str, stopped: bool):
+def save_pretrained(out_dir: str, model: Transformer, settings: dict, tokenizer_path: str):
+    """base.pt and its tokenizer, in an order that leaves a consistent folder at every instant: first what
+    was made from the old base goes (and the old base), then the new tokenizer replaces the old one, and
+    base.pt comes last. base.pt names its tokenizer by fingerprint; its presence says "pretrained"."""
+    remove(*(os.path.join(out_dir, FILES[k]) for k in ("results", "auto", "tuned", "snapshot", "base")),
+           state_path(out_dir, "finetune"))
+    os.replace(tokenizer_path + ".new", tokenizer_path)
+    save_checkpoint(os.path.join(out_dir, FILES["base"]),
+                    {"model": model.state_dict(), "config": asdict(model.cfg), "seed": settings["seed"],
+                     "pretrain": settings, "tokenizer": file_fingerprint(tokenizer_path)})
+
+
+def save_finetuned(out_dir: str, tuned: dict, original_ffn: dict, cfg: ModelConfig, settings: dict, base_ffn: str,
+                   tokenizer_path: str):
+    """ffn_snapshot.pt and finetuned.pt (and for an --init_from base, which stays in its directory, a copy of
+    its tokenizer), in an order that leaves a consistent folder at every instant: the old results and
+    fine-tune go first, finetuned.pt (whose presence says "fine-tuned") comes last."""
+    remove(*(os.path.join(out_dir, FILES[k]) for k in ("results", "auto", "tuned")))
+    own_tokenizer = os.path.join(out_dir, FILES["tokenizer"])
+    if tokenizer_path != own_tokenizer:
+        with atomic_write(own_tokenizer) as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
+    save_checkpoint(os.path.join(out_dir, FILES["snapshot"]), {"ffn": original_ffn})
+    save_checkpoint(os.path.join(out_dir, FILES["tuned"]),
+                    {"model": {k: v.detach().cpu() for k, v in tuned.items()}, "config": asdict(cfg),
+                     "base_ffn": base_ffn, "finetune": settings, "init_from": settings["init_from"],
+                     "tokenizer": file_fingerprint(own_tokenizer)})
+
+
+def finish_stage(args, out_dir: str, stage: str, stop: StopRequest):
     """The stage's outputs are on disk: its resumable state is no longer needed. A Ctrl-C that came with the
-    last step stops the run here, before the next stage."""
+    last step or while the outputs were saved stops the run here, before the next stage."""
     if is_main(args):
         remove(state_path(out_dir, stage))
     barrier(args)
-    if stopped:
-        raise Interrupted(f"{stage}: Ctrl-C came with its last step, so the stage finished and saved its outputs, "
-                          "and the run stopped before the next stage (--resume goes on from there)")
+    if agree(0.0, stop, args)[1]:  # every process asks: any one of them may have been stopped
+        raise Interrupted(f"{stage}: Ctrl-C came as the stage ended; it finished and saved its outputs, and the run "
+                          "stopped before the next stage (--resume goes on from there)")
+
+
+def remove_leftovers(out_dir: str):
+    """The *.tmp files a killed save left behind. Only names this program writes, and only while this run
+    holds the folder's lock, so that no other run's file under way is touched."""
+    names = [*FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune")),
+             "summary.json", os.path.join("data", "world.json")]
+    remove(*(os.path.join(out_dir, name + ".tmp") for name in names),
+           *(path + ".tmp" for path in toy_paths(out_dir).values()))
 
 
 def on_disk(out_dir: str) -> str:
     """Which of a run's files are in out_dir now: what a stopped run tells its user."""
-    names = ["data/", *FILES.values(), FILES["tokenizer"] + ".new", state_path("", "pretrain"), state_path("", "finetune")]
+    names = ["data/", *FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune"))]
     there = [name for name in names if os.path.exists(os.path.join(out_dir, name))]
     return f"{out_dir} holds {', '.join(there)}" if there else f"nothing of this run is in {out_dir}"
 

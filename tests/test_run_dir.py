@@ -1,13 +1,13 @@
 """A run directory never gives a silently wrong answer: --resume checks what it skips, files are named by
 content (inputs, tokenizer), one run at a time holds an out_dir, --json never overwrites what a command
 reads, a Ctrl-C is never swallowed and says what is on disk, and a save that fails leaves nothing behind."""
-import fcntl
 import os
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 
 import common
@@ -80,6 +80,8 @@ def test_a_stopped_stage_does_not_resume_over_a_changed_input(tmp_path):
 
 def test_another_runs_tokenizer_is_refused_though_its_size_is_the_same(trained, other_tokenizer, tmp_path):
     out = copy_of(trained, tmp_path)
+    sizes = [spm.SentencePieceProcessor(model_file=str(p)).vocab_size() for p in (other_tokenizer, out / "tokenizer.model")]
+    assert sizes[0] == sizes[1] and other_tokenizer.read_bytes() != (out / "tokenizer.model").read_bytes()
     shutil.copyfile(other_tokenizer, out / "tokenizer.model")
     assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "is not the tokenizer")
     assert_one_line_error(train(out, "--stage", "eval"), "is not the tokenizer")
@@ -89,23 +91,24 @@ def test_another_runs_tokenizer_is_refused_though_its_size_is_the_same(trained, 
 def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder(trained, tmp_path):
     out = copy_of(trained, tmp_path)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    lock = common.DirectoryLock(str(out))  # this test process is "the other run"
-    try:
+    with common.DirectoryLock(str(out)):  # this test process is "the other run"
         assert_one_line_error(train(out), f"is in use by another run (pid {os.getpid()})")
-    finally:
-        lock.release()
     assert {p: p.read_bytes() for p in before} == before
     assert train(out, "--stage", "eval").returncode == 0  # released: the next run may go on
 
 
-def test_the_lock_goes_with_its_holder(tmp_path):
-    """flock, not a file's presence: a holder that is gone (killed) holds nothing."""
-    lock = common.DirectoryLock(str(tmp_path))
-    with open(tmp_path / ".lock") as f:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.release()
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def test_the_lock_goes_with_its_holder_even_when_it_is_killed(tmp_path):
+    """flock, not a file's presence: a holder that was killed holds nothing."""
+    out = tmp_path / "out"
+    proc = start("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400")
+    for line in proc.stdout:
+        if "pretrain step 1/400" in line:
+            break
+    assert_one_line_error(train(out), f"is in use by another run (pid {proc.pid})")
+    proc.kill()
+    proc.wait()
+    with common.DirectoryLock(str(out)):
+        pass
 
 
 def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
@@ -116,7 +119,9 @@ def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
     for target, expected in [(out / "finetuned.pt", "one of this command's inputs"),
                              (test_set, "one of this command's inputs"),
                              (out / "tokenizer.model", "one of this command's inputs"),
-                             (elsewhere, "is not an earlier result")]:
+                             (elsewhere, "is not an earlier result"),
+                             (out / ".lock", "is not an earlier result"),  # (a pid: valid JSON, but no result)
+                             (out / "data/world.json", "is not an earlier result")]:
         before = target.read_bytes()
         assert_one_line_error(run("infer.py", "--out_dir", out, "--eval", test_set, "--json", target), expected)
         assert target.read_bytes() == before
@@ -143,7 +148,7 @@ def test_ctrl_c_in_the_last_step_of_a_stage_saves_it_and_stops_before_the_next(t
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
-    assert "pretrain: Ctrl-C came with its last step" in last, stderr
+    assert "pretrain: Ctrl-C came as the stage ended" in last, stderr
     assert last.endswith(f"{out} holds data/, base.pt, tokenizer.model")  # exactly what is there:
     assert files_in(out) == {"data/", "tokenizer.model", "base.pt"}
     torch.load(out / "base.pt", weights_only=True)
@@ -178,6 +183,27 @@ def test_a_new_pretraining_removes_what_was_made_from_the_old_base(trained, tmp_
     assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "finetuned.pt")
 
 
+def test_stage_files_go_down_in_an_order_consistent_at_every_instant(trained, tmp_path, monkeypatch):
+    """Every removal and rename (each save ends in one) of two stages of a real run, in this process, in order:
+    whatever instant a kill comes at, the files on disk belong together or the stage is plainly unfinished."""
+    import train
+    out, events = copy_of(trained, tmp_path), []
+    rename = os.replace
+    monkeypatch.setattr(train, "remove", lambda *paths: [events.append(("remove", os.path.basename(p))) for p in paths]
+                        and common.remove(*paths))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("write", os.path.basename(dst))) or rename(src, dst))
+    run_files = lambda: [e for e in events if not e[1].endswith(".tmp")]  # (leftovers of killed saves: none here)
+    train.main(["--out_dir", str(out), *map(str, TINY_RUN), "--threads", "1", "--stage", "pretrain"])
+    assert run_files() == [("write", "tokenizer.model.new"),  # trained first, under a name no reader uses
+                           *(("remove", f) for f in ("results.json", "auto.json", "finetuned.pt", "ffn_snapshot.pt",
+                                                "base.pt", "finetune_state.pt")),
+                      ("write", "tokenizer.model"), ("write", "base.pt"), ("remove", "pretrain_state.pt")]
+    events.clear()
+    train.main(["--out_dir", str(out), *map(str, TINY_RUN), "--threads", "1", "--stage", "finetune"])
+    assert run_files() == [("remove", "results.json"), ("remove", "auto.json"), ("remove", "finetuned.pt"),
+                      ("write", "ffn_snapshot.pt"), ("write", "finetuned.pt"), ("remove", "finetune_state.pt")]
+
+
 def test_stale_temporary_files_are_removed_and_an_unusable_out_dir_is_refused_up_front(trained, tmp_path):
     out = copy_of(trained, tmp_path)
     for stale in (out / "base.pt.tmp", out / "data" / "ood_test.jsonl.tmp"):
@@ -188,15 +214,11 @@ def test_stale_temporary_files_are_removed_and_an_unusable_out_dir_is_refused_up
     assert_one_line_error(train(not_a_folder / "out"), "cannot create the folder")
 
 
-def test_a_failed_save_is_one_line_and_leaves_the_old_file_and_no_tmp(tmp_path, monkeypatch):
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_a_failed_save_is_one_line_and_leaves_the_old_file_and_no_tmp(tmp_path):
     path = tmp_path / "base.pt"
     path.write_bytes(b"the good file")
-
-    def disk_full(obj, f):
-        f.write(b"half")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
+    (tmp_path / "base.pt.tmp").symlink_to("/dev/full")  # the save's temporary file lands on a full disk
     with pytest.raises(common.UserError, match="cannot write .*base.pt: No space left on device"):
-        common.save_checkpoint(str(path), {"model": {}})
-    assert path.read_bytes() == b"the good file" and not (tmp_path / "base.pt.tmp").exists()
+        common.save_checkpoint(str(path), {"model": torch.zeros(100_000)})
+    assert path.read_bytes() == b"the good file" and not os.path.lexists(tmp_path / "base.pt.tmp")
