@@ -40,6 +40,14 @@ def start(program: str, *args) -> subprocess.Popen:
                             env=ENV)
 
 
+def wait_for(proc: subprocess.Popen, text: str):
+    """Read a started program's output until a line holds `text` (to signal it at a known point)."""
+    for line in proc.stdout:
+        if text in line:
+            return
+    pytest.fail(f"the run ended before printing {text!r}: {proc.stderr.read()}")
+
+
 def assert_one_line_error(result, expected: str):
     """The user's mistake: exit status 2 and one line `error: ...` on stderr, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr)

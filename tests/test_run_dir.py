@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 
 import common
-from helpers import TINY, TINY_RUN, assert_one_line_error, run, start, write
+from helpers import TINY, TINY_RUN, assert_one_line_error, run, start, wait_for, write
 
 
 def train(out, *args):
@@ -67,9 +67,7 @@ def test_resume_skips_a_stage_finished_with_the_same_settings(trained, tmp_path)
 def test_a_stopped_stage_does_not_resume_over_a_changed_input(tmp_path):
     out = tmp_path / "out"
     proc = start("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400")
-    for line in proc.stdout:
-        if "pretrain step 3/400" in line:
-            break
+    wait_for(proc, "pretrain step 3/400")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and (out / "pretrain_state.pt").exists(), stderr
@@ -101,9 +99,7 @@ def test_the_lock_goes_with_its_holder_even_when_it_is_killed(tmp_path):
     """flock, not a file's presence: a holder that was killed holds nothing."""
     out = tmp_path / "out"
     proc = start("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400")
-    for line in proc.stdout:
-        if "pretrain step 1/400" in line:
-            break
+    wait_for(proc, "pretrain step 1/400")
     assert_one_line_error(train(out), f"is in use by another run (pid {proc.pid})")
     proc.kill()
     proc.wait()
@@ -141,9 +137,7 @@ def test_ctrl_c_in_the_last_step_of_a_stage_saves_it_and_stops_before_the_next(t
     out = tmp_path / "out"
     flags = [*TINY, *SLOW_STEPS, "--pretrain_steps", "2", "--finetune_steps", "400"]
     proc = start("train.py", "--out_dir", out, *flags)
-    for line in proc.stdout:
-        if "pretrain step 1/2" in line:  # step 2, the stage's last, is running now
-            break
+    wait_for(proc, "pretrain step 1/2")  # step 2, the stage's last, is under way: a signal lands in it or after
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -163,12 +157,12 @@ def test_ctrl_c_before_anything_is_saved_says_so(trained, tmp_path):
            "--eval", data / "ood_test.jsonl"]
     out = tmp_path / "out"
     proc = start("train.py", "--out_dir", out, *TINY, *own, *SLOW_STEPS, "--pretrain_steps", "400")
-    for line in proc.stdout:
-        if "pretrain step 1/400" in line:
-            break
+    wait_for(proc, "pretrain step 1/400")
     proc.send_signal(signal.SIGINT)
-    assert "stopping after this step" in proc.stderr.readline() + proc.stderr.readline()
-    proc.send_signal(signal.SIGINT)  # again: stop at once, without saving
+    for line in proc.stderr:  # the first one is heard (a step takes about half a second) ...
+        if "stopping after this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)  # ... and the second stops at once, without saving
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == f"interrupted: stopped at once; {out} holds tokenizer.model.new"

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from helpers import ENV, TINY, TORCHRUN_2, run
+from helpers import ENV, TINY, TORCHRUN_2, run, wait_for
 from helpers import start as start_program
 from machinery import cores_per_process, my_micro_batches
 
@@ -23,13 +23,6 @@ def train(*args, launcher=(sys.executable,)):
 
 def start(*args) -> subprocess.Popen:
     return start_program("train.py", *args)
-
-
-def wait_for(proc: subprocess.Popen, text: str):
-    for line in proc.stdout:
-        if text in line:
-            return
-    pytest.fail(f"the run ended before printing {text!r}: {proc.stderr.read()}")
 
 
 def weights(path: Path) -> dict:
