@@ -21,7 +21,7 @@ from common import (FILES, OneLineParser, UserError, file_fingerprint, load_chec
                     write_json)
 from data.text import (PLAIN_TEMPLATE, apply_template, check_utf8_args, encode_example, example_batch, load_tokenizer,
                        read_examples)
-from model import CheckpointError, ModelConfig, Transformer
+from model import CheckpointError, ModelConfig, Transformer, config_from_hf, read_hf_json
 
 # ---- models from files ------------------------------------------------------------------------------
 
@@ -71,14 +71,24 @@ def hf_tokenizer_path(hf_dir: str) -> str:
     return path
 
 
-def load_hf_model(hf_dir: str, device="cpu") -> Transformer:
-    """A Hugging Face Llama directory as our model, read lazily straight onto device (memory holds the model
-    and one tensor at a time), with errors that name what is missing or wrong."""
+def check_hf_dir(hf_dir: str) -> ModelConfig:
+    """What a Hugging Face directory must hold before its weights are read: config.json (a Llama's, whose
+    config is returned) and tokenizer.model."""
     if not os.path.isdir(hf_dir):
         raise UserError(f"--init_from {hf_dir}: no such directory")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise UserError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    hf_tokenizer_path(hf_dir)  # fail before loading gigabytes
+    hf_tokenizer_path(hf_dir)
+    try:
+        return config_from_hf(read_hf_json(os.path.join(hf_dir, "config.json")))
+    except CheckpointError as e:
+        raise UserError(f"{hf_dir}: {e}") from None
+
+
+def load_hf_model(hf_dir: str, device="cpu") -> Transformer:
+    """A Hugging Face Llama directory as our model, read lazily straight onto device (memory holds the model
+    and one tensor at a time), with errors that name what is missing or wrong."""
+    check_hf_dir(hf_dir)  # fail before loading gigabytes
     try:
         import safetensors  # noqa: F401 (model.py reads the weights with it)
     except ImportError:

@@ -31,7 +31,8 @@ from common import (FILES, DirectoryLock, OneLineParser, UserError, atomic_write
 from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, check_utf8_args, encode_example,
                        load_tokenizer, read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
-from infer import FinishedRun, accuracies, config_from_dict, load_base, parse_modes, print_results, read_eval_sets
+from infer import (FinishedRun, accuracies, check_hf_dir, config_from_dict, load_base, parse_modes, print_results,
+                   read_eval_sets)
 from machinery import (DTYPES, Interrupted, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier,
                        check_finite, check_memory, close_distributed, cosine_lr, dropout_seed, gradient_sync,
                        init_distributed, is_main, log, mixed_precision, my_micro_batches, process_name, set_lr,
@@ -152,9 +153,9 @@ def threads_arg(text: str):
 
 def planned_base(args) -> ModelConfig | None:
     """The config of the model this run trains, known before anything big is read: from the flags when the
-    run pretrains it, else from the base.pt fine-tuning starts from. None for a Hugging Face base."""
+    run pretrains it, else from the config of the base fine-tuning starts from (base.pt or --init_from's)."""
     if args.init_from:
-        return None
+        return check_hf_dir(args.init_from)
     if args.stage in ("all", "pretrain"):
         # The tokenizer may come out smaller than --vocab_size, never below its 256 byte pieces and 3 specials.
         return model_config(args, min(args.vocab_size, 259))

@@ -1,6 +1,7 @@
 """train.py --init_from on a Hugging Face Llama directory, as people point it at Llama-2 or TinyLlama:
 here a tiny random LlamaForCausalLM with a sentencepiece tokenizer.model trained in the test."""
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -247,3 +248,14 @@ def test_bf16_weights_load_converted_into_a_model_of_its_own(tmp_path):
             p.add_(1)
     again = Transformer.from_pretrained(str(tmp_path)).state_dict()
     assert all(torch.equal(again[k], v.float()) for k, v in on_disk.items())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="the memory check reads Linux's MemAvailable")
+def test_a_base_too_big_for_memory_is_refused_from_its_config_before_its_weights_are_read(llama_dir, data, tmp_path):
+    huge = Path(shutil.copytree(llama_dir, tmp_path / "huge"))
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "intermediate_size": 10 ** 9}))
+    result = run("train.py", "--init_from", huge, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
+                 "--eval", data["eval"], "--finetune_steps", "1")
+    assert_one_line_error(result, "GiB of memory; this machine has")
+    assert "hidden_dim 1000000000" in result.stderr
