@@ -14,6 +14,9 @@ import common
 from helpers import TINY, TINY_RUN, assert_one_line_error, run, start, wait_for, write
 
 
+SLOW_STEPS = ["--micro_batch", "1", "--batch_tokens", "8192"]  # 256 micro-batches a step: time to send a signal
+
+
 def train(out, *args):
     return run("train.py", "--out_dir", out, *TINY_RUN, *args)
 
@@ -98,8 +101,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder(trained, 
 def test_the_lock_goes_with_its_holder_even_when_it_is_killed(tmp_path):
     """flock, not a file's presence: a holder that was killed holds nothing."""
     out = tmp_path / "out"
-    proc = start("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400")
-    wait_for(proc, "pretrain step 1/400")
+    proc = start("train.py", "--out_dir", out, *TINY, *SLOW_STEPS, "--stage", "pretrain", "--pretrain_steps", "400")
+    wait_for(proc, "pretrain step 1/400")  # (400 slow steps: it holds the lock for minutes)
     assert_one_line_error(train(out), f"is in use by another run (pid {proc.pid})")
     proc.kill()
     proc.wait()
@@ -128,9 +131,6 @@ def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
 
 def files_in(out: Path) -> set[str]:
     return {p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock"}
-
-
-SLOW_STEPS = ["--micro_batch", "1", "--batch_tokens", "8192"]  # 256 micro-batches a step: time to send a signal
 
 
 def test_ctrl_c_in_the_last_step_of_a_stage_saves_it_and_stops_before_the_next(tmp_path):
