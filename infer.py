@@ -395,7 +395,8 @@ def parse_args(argv=None):
         p.error("give --prompt TEXT or --eval FILE.jsonl")
     # nan fails every comparison, so it fails these too; a --max_new_tokens or --top_k beyond the model's
     # length or vocabulary is cut to it.
-    if not 0 <= args.temperature < float("inf") or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
+    if (not 0 <= args.temperature < float("inf") or args.max_new_tokens < 1
+            or (args.top_k is not None and args.top_k < 1)):
         p.error("--temperature must be >= 0 and finite, --max_new_tokens and --top_k >= 1")
     if not 0 <= args.seed < 2 ** 63:
         p.error(f"--seed must be from 0 to 2**63 - 1, not {args.seed}")  # a torch seed is a 64-bit integer

@@ -2,6 +2,7 @@
 processes (torchrun, DDP), mixed precision, resumable checkpoints, Ctrl-C, the non-finite guard, and the
 log line with throughput and MFU. Read train.py first; come here for how one of these works.
 """
+import gc
 import hashlib
 import math
 import os
@@ -36,6 +37,7 @@ def init_distributed(args):
 
 def close_distributed(args):
     if args.world_size > 1:
+        gc.collect()  # FSDP's modules sit in reference cycles: free them while their process group still exists
         dist.destroy_process_group()
 
 
@@ -70,10 +72,46 @@ def sum_over_processes(counts: dict, args) -> dict:
 
 
 def wrap_for_training(model, args):
-    """The module the loop calls: compiled and/or DDP-wrapped. The raw `model` is what gets saved, so
-    checkpoints never carry `_orig_mod.` or `module.` prefixes."""
+    """The module the loop calls: compiled and/or DDP-wrapped, or with --fsdp sharded in place. The raw
+    `model` is what gets saved, so checkpoints never carry `_orig_mod.` or `module.` prefixes."""
+    if sharded(args):
+        shard(model, args)
     trained = torch.compile(model) if args.compile else model
-    return torch.nn.parallel.DistributedDataParallel(trained) if args.world_size > 1 else trained
+    if args.world_size > 1 and not sharded(args):
+        return torch.nn.parallel.DistributedDataParallel(trained)
+    return trained
+
+
+# ---- sharding (--fsdp): parameters, gradients and optimizer state split across processes -----------------
+
+def sharded(args) -> bool:
+    return args.fsdp and args.world_size > 1
+
+
+def shard(model, args):
+    """FSDP2: every block, then the rest of the model, keeps 1/N of each parameter (and so of its gradient
+    and AdamW state) per process; a block's weights are gathered just for its forward and backward. On a
+    GPU, FSDP's own mixed precision: computed in --dtype, gradients reduced and weights kept in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[args.dtype], reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def full_state(model, args) -> dict:
+    """The model's state dict with whole tensors: under --fsdp gathered onto rank 0's CPU (the other
+    processes get {}); every process must call it."""
+    if not sharded(args):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_, with the norm as a plain tensor also when the gradients are sharded (DTensors)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: int) -> list:
@@ -93,7 +131,11 @@ def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: i
 
 
 def gradient_sync(trained, args, last: bool):
-    """DDP all-reduces gradients on every backward; accumulate locally until the last micro-batch."""
+    """DDP all-reduces (FSDP reduce-scatters) gradients on every backward; accumulate locally until the last
+    micro-batch."""
+    if sharded(args):
+        getattr(trained, "_orig_mod", trained).set_requires_gradient_sync(last)
+        return nullcontext()
     return trained.no_sync() if args.world_size > 1 and not last else nullcontext()
 
 
@@ -187,7 +229,8 @@ def mixed_precision(args):
     only under float16, whose narrow range needs it."""
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
     dtype = DTYPES[args.dtype]
-    autocast = torch.autocast(device_type, dtype) if dtype != torch.float32 else nullcontext()
+    # (under --fsdp, FSDP's own policy casts instead: see shard)
+    autocast = torch.autocast(device_type, dtype) if dtype != torch.float32 and not sharded(args) else nullcontext()
     return autocast, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
@@ -373,7 +416,8 @@ class TrainingState:
             return 0
         state = load_checkpoint(self.path, keys=("model", "optimizer", "scaler", "step", "data", "rng", "run"))
         if state["run"] != self.run_key:
-            differ = sorted(k for k in set(self.run_key) | set(state["run"]) if state["run"].get(k) != self.run_key.get(k))
+            differ = sorted(k for k in set(self.run_key) | set(state["run"])
+                            if state["run"].get(k) != self.run_key.get(k))
             raise UserError(f"{self.path} was saved by a run with other settings ({', '.join(differ)}); "
                             "resume with the same settings, or delete it to start over")
         trained = trained_tensors(self.model)
@@ -381,10 +425,17 @@ class TrainingState:
             taia.check_same_layout(trained, state["model"], "the trained parameters", self.path)
         except ValueError as e:
             raise UserError(f"{e}; delete it to start over") from None
-        with torch.no_grad():
-            for name, tensor in trained.items():
-                tensor.copy_(state["model"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded(self.args):  # whole tensors in the file: each process takes its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            with torch.no_grad():
+                for name, tensor in trained.items():
+                    tensor.copy_(state["model"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when the stopped run did not use float16
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["data"])
@@ -411,9 +462,17 @@ class TrainingState:
         self.due = bool(self.args.save_interval) and done % self.args.save_interval == 0 and done < steps
 
     def save(self, step: int, position: dict):
+        if sharded(self.args):  # every process sends its shards; rank 0 writes whole tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            model = full_state(self.model, self.args)
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         if is_main(self.args):
-            save_checkpoint(self.path, {"model": {k: v.detach() for k, v in trained_tensors(self.model).items()},
-                                        "optimizer": self.optimizer.state_dict(),
+            trained = trained_tensors(self.model)
+            save_checkpoint(self.path, {"model": {k: v.detach() for k, v in model.items() if k in trained},
+                                        "optimizer": optimizer,
                                         "scaler": self.scaler.state_dict(), "step": step, **position,
                                         "run": self.run_key})
         self.saved_at = step

@@ -34,9 +34,9 @@ from data.toy_world import generate as generate_toy_world
 from infer import (FinishedRun, accuracies, check_hf_dir, config_from_dict, load_base, parse_modes, print_results,
                    read_eval_sets)
 from machinery import (DTYPES, Interrupted, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier,
-                       check_finite, check_memory, close_distributed, cosine_lr, dropout_seed, gradient_sync,
-                       init_distributed, is_main, log, mixed_precision, my_micro_batches, process_name, set_lr,
-                       state_path, sum_over_processes, wrap_for_training)
+                       check_finite, check_memory, clip_gradients, close_distributed, cosine_lr, dropout_seed,
+                       full_state, gradient_sync, init_distributed, is_main, log, mixed_precision, my_micro_batches,
+                       process_name, set_lr, sharded, state_path, sum_over_processes, wrap_for_training)
 from model import PRESETS, ModelConfig, Transformer, param_groups
 
 TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
@@ -102,6 +102,9 @@ def parse_args(argv=None):
            "gradients on a real micro-batch, train with whichever ran the last steps fastest, trying the others every "
            "20 steps; OMP_NUM_THREADS, when set, is kept. torch's own default, a thread per core, can run 2x slower)")
     a("--compile", action="store_true", help="torch.compile the model for training")
+    a("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state across "
+                                          "processes (FSDP2) instead of copying the model to each (DDP); full "
+                                          "fine-tuning of models too big for one device")
     a("--resume", action="store_true", help="continue from OUT/<stage>_state.pt; skip stages already finished")
     a("--save_interval", type=int, default=200, help="save a resumable checkpoint every N steps (0: only on Ctrl-C)")
     a("--log_interval", type=int, default=100)
@@ -131,6 +134,9 @@ def parse_args(argv=None):
     cores = os.cpu_count()
     if args.threads != "auto" and cores and args.threads > cores:  # thousands of threads stall the machine
         p.error(f"--threads {args.threads}: this machine has {cores} cores")
+    if args.fsdp and (args.lora_rank or args.dtype == "float16"):
+        p.error("--fsdp shards full fine-tuning in float32 or bfloat16: drop --lora_rank (LoRA trains little; DDP "
+                "holds it) and --dtype float16")
     if args.lora_rank and args.train_scope != "all":
         p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
     args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
@@ -286,8 +292,9 @@ def stage_pretrain(args, out_dir: str, seed: int):
     with StopRequest() as stop:  # a Ctrl-C from here on lets the step under way, or the saving, finish first
         train_loop(model, batches, args.pretrain_steps, args.pretrain_lr, args.weight_decay, args, "pretrain",
                    out_dir, run_key, stop)
+        weights = full_state(model, args)  # (under --fsdp, gathered from every process onto rank 0)
         if is_main(args):
-            save_pretrained(out_dir, model, settings, tokenizer_path)
+            save_pretrained(out_dir, weights, model.cfg, settings, tokenizer_path)
         finish_stage(args, out_dir, "pretrain", stop)
 
 
@@ -323,7 +330,7 @@ def stage_finetune(args, out_dir: str, seed: int):
         # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
         # put back by taia.rebuild. Under LoRA, save the fully merged weights: every mode derives from base +
         # tuned, and for LoRA combine(base, merged, "taia") equals merging only the attention adapters.
-        tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else model.state_dict()
+        tuned = taia.merge_lora(model, "vanilla") if args.lora_rank else full_state(model, args)
         if is_main(args):
             save_finetuned(out_dir, tuned, original_ffn, model.cfg, settings, base_ffn, tokenizer_path)
         finish_stage(args, out_dir, "finetune", stop)
@@ -358,12 +365,13 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     divided by their number, so any split over micro-batches and processes gives the same gradient.
     `run_key` names what a resumed run must share with the stopped one. A Ctrl-C (`stop`) before the last
     step saves a resumable state and stops; one with the last step is the stage's to act on, once saved."""
+    trained = wrap_for_training(model, args)  # compiled, DDP or sharded; `model` stays the raw module we save
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     autocast, scaler = mixed_precision(args)
-    trained = wrap_for_training(model, args)  # compiled and/or DDP; `model` stays the raw module we save
     threads = ThreadTuner(model, batches, args, stage)  # CPU: the fastest thread count (same numbers with any)
-    state = TrainingState(out_dir, stage, run_key, model, optimizer, scaler, batches, args)
+    # (a sharded run's optimizer state is saved by parameter name, a plain one's by number: not interchangeable)
+    state = TrainingState(out_dir, stage, {**run_key, "fsdp": sharded(args)}, model, optimizer, scaler, batches, args)
     progress = Progress(model, args, stage, state.resume(steps), steps)
     model.train()
     for step in progress:
@@ -386,7 +394,7 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             loss += micro_loss.item()
         loss, stop_now = agree(loss, stop, args)  # the batch's loss; did any process get Ctrl-C?
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = clip_gradients(params, 1.0)
         check_finite(loss, grad_norm, scaler, step, state)  # stop before a nan reaches the weights
         state.save_if_due(step)  # an interval checkpoint, one step late: this finite loss vouches for it
         scaler.step(optimizer)
@@ -491,7 +499,7 @@ def finished(args, out_dir: str, stage: str, seed: int) -> bool:
     return True
 
 
-def save_pretrained(out_dir: str, model: Transformer, settings: dict, tokenizer_path: str):
+def save_pretrained(out_dir: str, weights: dict, cfg: ModelConfig, settings: dict, tokenizer_path: str):
     """base.pt and its tokenizer, in an order that leaves a consistent folder at every instant: first what
     was made from the old base goes (and the old base), then the new tokenizer replaces the old one, and
     base.pt comes last. base.pt names its tokenizer by fingerprint; its presence says "pretrained"."""
@@ -499,7 +507,7 @@ def save_pretrained(out_dir: str, model: Transformer, settings: dict, tokenizer_
            state_path(out_dir, "finetune"))
     os.replace(tokenizer_path + ".new", tokenizer_path)
     save_checkpoint(os.path.join(out_dir, FILES["base"]),
-                    {"model": model.state_dict(), "config": asdict(model.cfg), "seed": settings["seed"],
+                    {"model": weights, "config": asdict(cfg), "seed": settings["seed"],
                      "pretrain": settings, "tokenizer": file_fingerprint(tokenizer_path)})
 
 
@@ -542,7 +550,8 @@ def remove_leftovers(out_dir: str):
 
 def on_disk(out_dir: str) -> str:
     """Which of a run's files are in out_dir now: what a stopped run tells its user."""
-    names = ["data/", *FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune"))]
+    names = ["data/", *FILES.values(), FILES["tokenizer"] + ".new",
+             *(state_path("", stage) for stage in ("pretrain", "finetune"))]
     there = [name for name in names if os.path.exists(os.path.join(out_dir, name))]
     return f"{out_dir} holds {', '.join(there)}" if there else f"nothing of this run is in {out_dir}"
 

@@ -4,7 +4,8 @@
 # 1. throughput: 300 pretraining steps of the 124m preset in bfloat16 with torch.compile
 #    (tokens/s and MFU on the last log line);
 # 2. float16 with its gradient scaler, a few steps;
-# 3. the toy pipeline end to end on the GPU, then infer.py on its files.
+# 3. the toy pipeline end to end on the GPU, then infer.py on its files;
+# 4. the toy pipeline sharded with --fsdp over every GPU (FSDP2, bfloat16 through FSDP's own policy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/taia_gpu_check}
@@ -26,4 +27,8 @@ echo "== 3. toy pipeline on the GPU =="
 time python train.py --out_dir "$OUT/toy" --device cuda 2>&1 | grep -vE "^\s*$"
 python infer.py --out_dir "$OUT/toy" --device cuda --modes base,vanilla,taia --eval "$OUT/toy/data/ood_test.jsonl" \
     --prompt "Instruction: city for Kalo? Response:"
+echo "== 4. FSDP2 (--fsdp) on every GPU of this machine, the toy pipeline, bfloat16 =="
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+torchrun --standalone --nproc_per_node "$GPUS" train.py --out_dir "$OUT/fsdp" --device cuda --dtype bfloat16 --fsdp \
+    --log_interval 100 2>&1 | grep -E "step|ood_test|wall time"
 echo "gpu_check: done"

@@ -115,6 +115,7 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--peak_tflops", "0"], "--peak_tflops"),
         (["--threads", "0"], "--threads"),
         (["--threads", "many"], "--threads"),
+        (["--fsdp", "--lora_rank", "4"], "--fsdp shards full fine-tuning"),
         (["--init_from", tmp_path, "--stage", "pretrain"], "replaces pretraining"),
         (["--init_from", tmp_path / "nowhere", "--finetune", good_jsonl, "--eval", good_jsonl], "no such directory"),
         # Inputs that later stages read are checked before pretraining starts.

@@ -55,8 +55,8 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
     assert result.returncode == 0, result.stderr
     assert "finetune step 3/3" in result.stdout
     # The base stays in the Hugging Face directory: no copy of it, no toy world, no pretraining.
-    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["ffn_snapshot.pt", "finetuned.pt", "results.json",
-                                                     "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == [
+        "ffn_snapshot.pt", "finetuned.pt", "results.json", "tokenizer.model"]
     tuned = torch.load(out / "finetuned.pt", weights_only=True)
     assert tuned["init_from"] == str(llama_dir) and tuned["finetune"]["template"] == "Q: {prompt}\nA:"
     # The snapshot is exactly the checkpoint's MLP weights, and fine-tuning changed them.

@@ -81,7 +81,8 @@ def test_a_stopped_stage_does_not_resume_over_a_changed_input(tmp_path):
 
 def test_another_runs_tokenizer_is_refused_though_its_size_is_the_same(trained, other_tokenizer, tmp_path):
     out = copy_of(trained, tmp_path)
-    sizes = [spm.SentencePieceProcessor(model_file=str(p)).vocab_size() for p in (other_tokenizer, out / "tokenizer.model")]
+    sizes = [spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+             for path in (other_tokenizer, out / "tokenizer.model")]
     assert sizes[0] == sizes[1] and other_tokenizer.read_bytes() != (out / "tokenizer.model").read_bytes()
     shutil.copyfile(other_tokenizer, out / "tokenizer.model")
     assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "is not the tokenizer")
@@ -185,7 +186,8 @@ def test_stage_files_go_down_in_an_order_consistent_at_every_instant(trained, tm
     rename = os.replace
     monkeypatch.setattr(train, "remove", lambda *paths: [events.append(("remove", os.path.basename(p))) for p in paths]
                         and common.remove(*paths))
-    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("write", os.path.basename(dst))) or rename(src, dst))
+    monkeypatch.setattr(os, "replace",
+                        lambda src, dst: events.append(("write", os.path.basename(dst))) or rename(src, dst))
     run_files = lambda: [e for e in events if not e[1].endswith(".tmp")]  # (leftovers of killed saves: none here)
     train.main(["--out_dir", str(out), *map(str, TINY_RUN), "--threads", "1", "--stage", "pretrain"])
     assert run_files() == [("write", "tokenizer.model.new"),  # trained first, under a name no reader uses

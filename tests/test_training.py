@@ -12,7 +12,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from helpers import ENV, TINY, TORCHRUN_2, run, wait_for
+from helpers import ENV, TINY, TORCHRUN_2, command, run, wait_for
+from infer import FinishedRun
 from helpers import start as start_program
 from machinery import cores_per_process, my_micro_batches
 
@@ -161,11 +162,19 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     assert double.returncode == 0, double.stderr
     for name in ("base.pt", "finetuned.pt"):
         assert_same_weights(weights(tmp_path / "two" / name), weights(tmp_path / "one" / name), atol=1e-5)
-    losses = [[line.split(" loss ")[1].split()[0] for line in r.stdout.splitlines() if " loss " in line]
-              for r in (single, double)]
-    assert len(losses[0]) == 7 and losses[0] == losses[1]  # printed once (rank 0), the same to 4 decimals
+    assert len(printed_losses(single)) == 7  # printed once (rank 0), the same to 4 decimals
+    assert printed_losses(double) == printed_losses(single)
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert one["results"] == two["results"]
+
+    # Sharded (FSDP2): the same weights and losses, and TAIA built from its files is TAIA built from one's.
+    fsdp = train("--out_dir", tmp_path / "fsdp", *flags, "--fsdp", launcher=TORCHRUN_2)
+    assert fsdp.returncode == 0, fsdp.stderr
+    for name in ("base.pt", "finetuned.pt"):
+        assert_same_weights(weights(tmp_path / "fsdp" / name), weights(tmp_path / "one" / name), atol=1e-5)
+    assert printed_losses(fsdp) == printed_losses(single)
+    taia_models = [FinishedRun(str(tmp_path / d)).build("taia").state_dict() for d in ("one", "fsdp")]
+    assert_same_weights(*taia_models, atol=1e-5)
     # LoRA with dropout: each micro-batch draws its masks by its place in the global batch, not by process.
     lora = ["--stage", "finetune", "--lora_rank", "2", "--lora_dropout", "0.05", "--finetune_lr", "1e-2"]
     assert train("--out_dir", tmp_path / "one", *flags, *lora).returncode == 0
@@ -178,6 +187,36 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     assert train("--out_dir", no_dropout, *flags, *lora, "--lora_dropout", "0").returncode == 0
     a, b = weights(no_dropout / "finetuned.pt"), weights(tmp_path / "one" / "finetuned.pt")
     assert max((a[k] - b[k]).abs().max() for k in a) > 1e-4
+
+
+def printed_losses(result) -> list[str]:
+    return [line.split(" loss ")[1].split()[0] for line in result.stdout.splitlines() if " loss " in line]
+
+
+def test_a_sharded_run_stopped_on_2_processes_and_resumed_on_4_ends_where_an_uninterrupted_one_does(pretrained,
+                                                                                                   tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    psutil = pytest.importorskip("psutil")
+    finetune = ["--stage", "finetune", *TINY, "--micro_batch", "2", "--finetune_steps", "150", "--fsdp"]
+    whole = copy_of(pretrained, tmp_path, "whole")
+    assert train("--out_dir", whole, *finetune, launcher=TORCHRUN_2).returncode == 0
+
+    stopped = copy_of(pretrained, tmp_path, "stopped")
+    proc = subprocess.Popen(command("train.py", "--out_dir", stopped, *finetune, launcher=TORCHRUN_2),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_for(proc, "finetune step 5/150")
+    for worker in psutil.Process(proc.pid).children():  # Ctrl-C reaches every process of a terminal's job
+        worker.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    step = torch.load(stopped / "finetune_state.pt", weights_only=True)["step"]
+    assert 5 <= step < 150 and not (stopped / "finetuned.pt").exists()
+
+    # The state holds whole tensors: the run may go on with another number of processes.
+    result = train("--out_dir", stopped, *finetune, "--resume", launcher=(*TORCHRUN_2[:-1], "4"))
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {stopped / 'finetune_state.pt'} at step {step}/150" in result.stdout
+    assert_same_weights(weights(stopped / "finetuned.pt"), weights(whole / "finetuned.pt"), atol=1e-5)
 
 
 def test_compiled_training_saves_plain_parameter_names(tmp_path):
