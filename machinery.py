@@ -1,6 +1,6 @@
 """The machinery under train.py's training loop, each piece called from the loop in one line: several
-processes (torchrun, DDP), mixed precision, resumable checkpoints, Ctrl-C, the non-finite guard, and the
-log line with throughput and MFU. Read train.py first; come here for how one of these works.
+processes (torchrun, DDP or FSDP2 sharding), mixed precision, resumable checkpoints, Ctrl-C, the non-finite
+guard, and the log line with throughput and MFU. Read train.py first; come here for how one of these works.
 """
 import gc
 import hashlib
@@ -83,6 +83,7 @@ def wrap_for_training(model, args):
 
 
 # ---- sharding (--fsdp): parameters, gradients and optimizer state split across processes -----------------
+# (FSDP's modules are imported where they are used: 0.6 s at every start that a run without --fsdp need not pay)
 
 def sharded(args) -> bool:
     return args.fsdp and args.world_size > 1
@@ -90,13 +91,14 @@ def sharded(args) -> bool:
 
 def shard(model, args):
     """FSDP2: every block, then the rest of the model, keeps 1/N of each parameter (and so of its gradient
-    and AdamW state) per process; a block's weights are gathered just for its forward and backward. On a
-    GPU, FSDP's own mixed precision: computed in --dtype, gradients reduced and weights kept in float32."""
+    and AdamW state) per process; a block's weights are gathered just for its forward and backward. Mixed
+    precision is FSDP's own: computed in --dtype, gradients reduced and weights kept in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[args.dtype], reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    log(args, f"sharded over {args.world_size} processes (FSDP2): each holds 1/{args.world_size} of every parameter")
 
 
 def full_state(model, args) -> dict:
@@ -111,7 +113,7 @@ def full_state(model, args) -> dict:
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_, with the norm as a plain tensor also when the gradients are sharded (DTensors)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (a DTensor's is)
 
 
 def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: int) -> list:
@@ -131,12 +133,9 @@ def my_micro_batches(inputs, targets, micro_batch: int, rank: int, world_size: i
 
 
 def gradient_sync(trained, args, last: bool):
-    """DDP all-reduces (FSDP reduce-scatters) gradients on every backward; accumulate locally until the last
-    micro-batch."""
-    if sharded(args):
-        getattr(trained, "_orig_mod", trained).set_requires_gradient_sync(last)
-        return nullcontext()
-    return trained.no_sync() if args.world_size > 1 and not last else nullcontext()
+    """DDP all-reduces gradients on every backward; accumulate locally until the last micro-batch. (A
+    sharded model reduce-scatters every micro-batch: accumulating locally would hold whole gradients.)"""
+    return trained.no_sync() if args.world_size > 1 and not sharded(args) and not last else nullcontext()
 
 
 @contextmanager
@@ -171,6 +170,11 @@ def check_memory(args, cfg: ModelConfig | None):
                             f"has {available / 2**30:,.1f} GiB available")
 
 
+def shards(args) -> int:
+    """How many processes share the gradients and AdamW state (--fsdp under torchrun), before it starts."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if args.fsdp else 1
+
+
 def available_memory() -> int | None:
     """Bytes of memory a new allocation can have without swapping (Linux's MemAvailable); None elsewhere."""
     try:
@@ -200,7 +204,7 @@ def training_memory(args, cfg: ModelConfig) -> list[tuple[str, int, str]]:
         windows = max(1, args.batch_tokens // args.seq_len)
         need = 4 * n_params + windows * (args.seq_len + 1) * 8  # the weights and the batch's token ids
         if on_cpu:
-            need += 12 * n_params + min(args.micro_batch, windows) * args.seq_len * per_token
+            need += 12 * n_params // shards(args) + min(args.micro_batch, windows) * args.seq_len * per_token
         needs.append(("pretraining", need, f"{model} on batches of {args.batch_tokens:,} tokens"))
     if args.stage in ("all", "finetune"):
         adapters = args.lora_rank * cfg.n_layers * (7 * cfg.dim + 2 * cfg.head_dim * (cfg.n_heads + cfg.n_kv_heads)
@@ -208,7 +212,7 @@ def training_memory(args, cfg: ModelConfig) -> list[tuple[str, int, str]]:
         trained = adapters if args.lora_rank else n_params
         need = 4 * n_params + args.finetune_batch * 32  # and each example's input and target ids, 2 tokens at least
         if on_cpu:
-            need += 4 * adapters + 12 * trained + min(args.micro_batch, args.finetune_batch) * per_token
+            need += 4 * adapters + 12 * trained // shards(args) + min(args.micro_batch, args.finetune_batch) * per_token
         lora = f" with LoRA of rank {args.lora_rank:,} ({adapters:,} parameters)" if args.lora_rank else ""
         needs.append(("fine-tuning", need, f"{model}{lora} on batches of {args.finetune_batch:,} examples"))
     return needs

@@ -371,7 +371,8 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     autocast, scaler = mixed_precision(args)
     threads = ThreadTuner(model, batches, args, stage)  # CPU: the fastest thread count (same numbers with any)
     # (a sharded run's optimizer state is saved by parameter name, a plain one's by number: not interchangeable)
-    state = TrainingState(out_dir, stage, {**run_key, "fsdp": sharded(args)}, model, optimizer, scaler, batches, args)
+    run_key = {**run_key, "fsdp": True} if sharded(args) else run_key
+    state = TrainingState(out_dir, stage, run_key, model, optimizer, scaler, batches, args)
     progress = Progress(model, args, stage, state.resume(steps), steps)
     model.train()
     for step in progress:

@@ -5,7 +5,8 @@
 #    (tokens/s and MFU on the last log line);
 # 2. float16 with its gradient scaler, a few steps;
 # 3. the toy pipeline end to end on the GPU, then infer.py on its files;
-# 4. the toy pipeline sharded with --fsdp over every GPU (FSDP2, bfloat16 through FSDP's own policy).
+# 4. the toy pipeline sharded with --fsdp over every GPU (FSDP2, bfloat16 through FSDP's own policy),
+#    where there are two or more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/taia_gpu_check}
@@ -29,6 +30,10 @@ python infer.py --out_dir "$OUT/toy" --device cuda --modes base,vanilla,taia --e
     --prompt "Instruction: city for Kalo? Response:"
 echo "== 4. FSDP2 (--fsdp) on every GPU of this machine, the toy pipeline, bfloat16 =="
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
-torchrun --standalone --nproc_per_node "$GPUS" train.py --out_dir "$OUT/fsdp" --device cuda --dtype bfloat16 --fsdp \
-    --log_interval 100 2>&1 | grep -E "step|ood_test|wall time"
+if [ "$GPUS" -lt 2 ]; then
+    echo "skipped: one GPU, nothing to shard"
+else
+    torchrun --standalone --nproc_per_node "$GPUS" train.py --out_dir "$OUT/fsdp" --device cuda --dtype bfloat16 \
+        --fsdp --log_interval 100 2>&1 | grep -E "sharded over|step|ood_test|wall time"
+fi
 echo "gpu_check: done"

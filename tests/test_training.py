@@ -170,6 +170,7 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     # Sharded (FSDP2): the same weights and losses, and TAIA built from its files is TAIA built from one's.
     fsdp = train("--out_dir", tmp_path / "fsdp", *flags, "--fsdp", launcher=TORCHRUN_2)
     assert fsdp.returncode == 0, fsdp.stderr
+    assert fsdp.stdout.count("sharded over 2 processes (FSDP2)") == 2  # pretraining and fine-tuning
     for name in ("base.pt", "finetuned.pt"):
         assert_same_weights(weights(tmp_path / "fsdp" / name), weights(tmp_path / "one" / name), atol=1e-5)
     assert printed_losses(fsdp) == printed_losses(single)
