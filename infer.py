@@ -17,11 +17,11 @@ from dataclasses import asdict, fields
 import torch
 
 import taia
-from common import (FILES, OneLineParser, UserError, file_fingerprint, load_checkpoint, resolve_device, run_cli,
-                    write_json)
+from common import (FILES, CheckpointError, OneLineParser, UserError, config_from_hf, file_fingerprint, load_checkpoint,
+                    load_hf_llama, read_hf_json, resolve_device, run_cli, write_json)
 from data.text import (PLAIN_TEMPLATE, apply_template, check_utf8_args, encode_example, example_batch, load_tokenizer,
                        read_examples)
-from model import CheckpointError, ModelConfig, Transformer, config_from_hf, read_hf_json
+from model import ModelConfig, Transformer
 
 # ---- models from files ------------------------------------------------------------------------------
 
@@ -90,11 +90,11 @@ def load_hf_model(hf_dir: str, device="cpu") -> Transformer:
     and one tensor at a time), with errors that name what is missing or wrong."""
     check_hf_dir(hf_dir)  # fail before loading gigabytes
     try:
-        import safetensors  # noqa: F401 (model.py reads the weights with it)
+        import safetensors  # noqa: F401 (common.load_hf_llama reads the weights with it)
     except ImportError:
         raise UserError("--init_from reads safetensors checkpoints: pip install safetensors") from None
     try:
-        return Transformer.from_pretrained(hf_dir, device=device).eval()
+        return load_hf_llama(hf_dir, device=device).eval()
     except CheckpointError as e:  # a broken file, another architecture, a config that does not fit the weights
         raise UserError(f"{hf_dir}: {e}") from None
 

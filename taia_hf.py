@@ -27,19 +27,19 @@ from contextlib import contextmanager
 import torch
 
 import taia
-from common import OneLineParser, UserError, make_dir, run_cli
-from model import HF_INDEX, CheckpointError, Safetensors, hf_weights, read_hf_json
+from common import (HF_INDEX, CheckpointError, OneLineParser, Safetensors, UserError, hf_weights, make_dir,
+                    read_hf_json, run_cli)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # Files of a model directory that hold weights: never copied to the output, whose weights are its own.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
-# ---- reading: a directory's safetensors, lazily (model.Safetensors) --------------------------------
+# ---- reading: a directory's safetensors, lazily (common.Safetensors) --------------------------------
 
 @contextmanager
 def reading(what: str):
-    """model.py's CheckpointError (a file missing, cut short, not safetensors or not floating point; JSON
+    """common.py's CheckpointError (a file missing, cut short, not safetensors or not floating point; JSON
     that is not an object) as a UserError that names the input."""
     try:
         yield
@@ -54,7 +54,7 @@ def read_json(path: str, what: str) -> dict:
 
 def open_model_dir(path: str, what: str) -> tuple[dict, Safetensors]:
     """config.json and the weights of a Hugging Face model directory: model.safetensors, or the shards
-    model.safetensors.index.json names (model.hf_weights), every tensor's group known."""
+    model.safetensors.index.json names (common.hf_weights), every tensor's group known."""
     if not os.path.isdir(path):
         raise UserError(f"{what} {path}: no such directory")
     config = read_json(os.path.join(path, "config.json"), f"{what} {path}")

@@ -12,7 +12,7 @@ import torch
 from data.text import load_tokenizer, train_tokenizer
 from helpers import assert_one_line_error, needs_transformers, run, start, transformers
 from infer import FinishedRun, generate_text
-from model import Transformer, hf_to_ours
+from common import hf_to_ours, load_hf_llama
 
 pytestmark = needs_transformers  # every test here builds its checkpoint with transformers
 TEXT = ["the river city of Alder sits on the Kell", "Alder trades salt and copper with the hill towns",
@@ -223,7 +223,7 @@ def test_a_tied_head_stored_beside_its_embedding_is_accepted_if_equal(llama_dir,
     tied = Path(shutil.copytree(llama_dir, tmp_path / "tied"))
     edit_weights(lambda s: {**s, "lm_head.weight": s["model.embed_tokens.weight"].clone()})(tied)
     edit_config(tie_word_embeddings=True)(tied)
-    model = Transformer.from_pretrained(str(tied))
+    model = load_hf_llama(str(tied))
     from safetensors.torch import load_file
     assert model.lm_head.weight is model.embed.weight
     assert torch.equal(model.embed.weight, load_file(tied / "model.safetensors")["model.embed_tokens.weight"])
@@ -233,20 +233,20 @@ def test_bf16_weights_load_converted_into_a_model_of_its_own(tmp_path):
     """The lazy loader copies each tensor into a parameter it allocated: float32 values exactly the file's
     bf16 ones, in memory of the model's own (writing to it leaves the file as it was)."""
     from common import save_hf
-    from model import ModelConfig
+    from model import ModelConfig, Transformer
     from safetensors.torch import load_file
     torch.manual_seed(0)
     bf16 = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=64,
                                    max_seq_len=16)).to(torch.bfloat16)
     save_hf(bf16, str(tmp_path))
-    model = Transformer.from_pretrained(str(tmp_path))
+    model = load_hf_llama(str(tmp_path))
     on_disk = {hf_to_ours(k): v.clone() for k, v in load_file(tmp_path / "model.safetensors").items()}
     assert {k: v.dtype for k, v in model.state_dict().items()} == {k: torch.float32 for k in on_disk}
     assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in on_disk.items())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1)
-    again = Transformer.from_pretrained(str(tmp_path)).state_dict()
+    again = load_hf_llama(str(tmp_path)).state_dict()
     assert all(torch.equal(again[k], v.float()) for k, v in on_disk.items())
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from common import save_hf
+from common import hf_to_ours, load_hf_llama, ours_to_hf, save_hf
 from helpers import needs_transformers, transformers
-from model import KVCache, ModelConfig, StaticKVCache, Transformer, apply_rope, flops_per_token, hf_to_ours, ours_to_hf, param_groups
+from model import KVCache, ModelConfig, StaticKVCache, Transformer, apply_rope, flops_per_token, param_groups
 
 
 def tiny_hf(tie: bool, seed: int = 0):
@@ -28,7 +28,7 @@ def tiny_hf(tie: bool, seed: int = 0):
 def test_from_pretrained_matches_hf_logits_and_greedy_tokens(tmp_path, tie):
     hf = tiny_hf(tie)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    ours = load_hf_llama(str(tmp_path)).eval()
     assert ours.cfg.n_kv_heads == 2 and ours.cfg.tie_embeddings == tie
     tokens = torch.randint(0, 101, (3, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     hf = tiny_hf(tie=False)
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(str(tmp_path))
+    ours = load_hf_llama(str(tmp_path))
     tokens = torch.randint(0, 101, (1, 9))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
@@ -67,7 +67,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_from_pretrained_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="not a Llama"):
-        Transformer.from_pretrained(str(tmp_path))
+        load_hf_llama(str(tmp_path))
 
 
 def test_hf_name_mapping_round_trips():
