@@ -6,7 +6,9 @@
 Modes (see taia.py): base (pretrained weights), vanilla (all fine-tuning updates), taia (tuned
 attention, original FFN: rebuilt from the FFN snapshot), taif (tuned FFN, original attention), and for
 the provenance ablation only-<group> (only that group tuned, the rest base; groups: attention, ffn,
-norm, embedding, head).
+norm, embedding, head), auto (the point between base and tuned that scores best on --dev) and loracl
+(for each prompt, base or vanilla, whichever has the lower loss on the prompt: the paper's LoRACL
+baseline).
 """
 import argparse
 import json
@@ -15,6 +17,7 @@ import sys
 from dataclasses import asdict, fields
 
 import torch
+import torch.nn.functional as F
 
 import taia
 from common import (FILES, CheckpointError, OneLineParser, UserError, config_from_hf, file_fingerprint, load_checkpoint,
@@ -216,21 +219,38 @@ class FinishedRun:
             write_json(os.path.join(self.out_dir, FILES["auto"]), self.auto)
         return f"auto: attention {a}, ffn {weights['ffn']} (answer match {100 * best:.1f}% on {dev_path})"
 
+    def candidates(self, mode: str, device="cpu") -> list[Transformer]:
+        """The models a mode answers with: one, or for a selecting mode (SELECTING) the models it chooses from."""
+        return [self.build(m, device) for m in SELECTING.get(mode, [mode])]
+
     def count_correct_per_mode(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
         """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set."""
         counts = {}
         for mode in modes:
-            model = self.build(mode, device)
+            models = self.candidates(mode, device)
             for name, examples in eval_sets.items():
-                for metric, n in count_correct(model, examples, self.sp, self.template).items():
-                    counts[metric, name, mode] = n
+                judged = lowest_prompt_loss([judge(m, examples, self.sp, self.template) for m in models])
+                for metric in ("exact", "answer"):
+                    counts[metric, name, mode] = int(judged[metric].sum())
         return counts
+
+
+# Modes that choose, for every prompt, one of several models: the one with the lowest loss on the prompt
+# itself (the paper's LoRACL baseline, Table 2: base or tuned, whichever finds the prompt more familiar).
+SELECTING = {"loracl": ("base", "vanilla")}
+
+
+def lowest_prompt_loss(judged: list[dict]) -> dict:
+    """Per example, the judge() outcome of the model with the lowest prompt loss (ties: the first)."""
+    losses = torch.stack([j["prompt_loss"] for j in judged])
+    pick = losses.argmin(0)  # the first of equal minima
+    return {key: torch.stack([j[key] for j in judged]).gather(0, pick[None])[0] for key in judged[0]}
 
 
 def parse_modes(text: str, dev: str | None = None, eval_files=()) -> list[str]:
     """The modes named in text (comma-separated). Mode auto needs a dev set, and never one it reports."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS} | {"auto"}
+    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS} | {"auto", *SELECTING}
     bad = [m for m in modes if m not in known]
     if bad or not modes:
         raise UserError(f"unknown mode {bad[0] if bad else text!r}: choose from {', '.join(sorted(known))}")
@@ -262,33 +282,55 @@ def score(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TE
     return {metric: n / len(examples) for metric, n in counts.items()}
 
 
-@torch.no_grad()
 def count_correct(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE,
                   batch_size: int = 128) -> dict:
-    """How many examples' greedy continuations are right, in two senses:
+    """How many examples' greedy continuations are right, in the two senses of judge()."""
+    judged = judge(model, examples, sp, template, batch_size)
+    return {metric: int(judged[metric].sum()) for metric in ("exact", "answer")}
+
+
+@torch.no_grad()
+def judge(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE,
+          batch_size: int = 128) -> dict:
+    """Per example, in the examples' order, whether its greedy continuation is right in two senses:
     - "exact": exactly the response, then EOS (the model answers and stops);
     - "answer": starts with the response as whole words (answer extraction, as the paper's evaluations
-      read an answer out of a longer output; "Paris is the city..." counts, "Parisian" does not).
-    Computed in one teacher-forced pass: greedy decoding reproduces the reference if and only if every
-    reference token is the argmax given the reference tokens before it."""
+      read an answer out of a longer output; "Paris is the city..." counts, "Parisian" does not);
+    and "prompt_loss": the mean next-token loss on the prompt's own tokens (after BOS), how familiar the
+    prompt is to the model. Computed in one teacher-forced pass: greedy decoding reproduces the reference
+    if and only if every reference token is the argmax given the reference tokens before it."""
     device = next(model.parameters()).device
     ends_word = word_end_table(sp).to(device)
-    encoded = sorted((encode_example(e, sp, template) for e in examples), key=lambda pair: len(pair[0]))
-    exact = answer = 0
+    encoded = [encode_example(e, sp, template) for e in examples]
     for ids, _ in encoded:
         if len(ids) - 1 > model.cfg.max_seq_len:
             raise UserError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
-    for i in range(0, len(encoded), batch_size):
-        inputs, targets = example_batch(encoded[i:i + batch_size], pad_id=sp.eos_id())
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # batches of similar lengths
+    judged = {"exact": torch.zeros(len(encoded), dtype=torch.bool), "answer": torch.zeros(len(encoded), dtype=torch.bool),
+              "prompt_loss": torch.zeros(len(encoded))}
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        inputs, targets = example_batch([encoded[r] for r in rows], pad_id=sp.eos_id())
         inputs, targets = inputs.to(device), targets.to(device)
-        predicted = model(inputs).argmax(-1)
+        logits = model(inputs)
+        predicted = logits.argmax(-1)
         is_eos = targets == sp.eos_id()  # the position right after the response
         hit = (predicted == targets) | (targets == -100)
-        exact += int(hit.all(dim=1).sum())
         response_ok = (hit | is_eos).all(dim=1)
         stops_word = (ends_word[predicted] | ~is_eos).all(dim=1)
-        answer += int((response_ok & stops_word).sum())
-    return {"exact": exact, "answer": answer}
+        prompt_targets = torch.full_like(targets, -100)  # position t predicts prompt token t + 1
+        for row, r in enumerate(rows):
+            ids, start = encoded[r]
+            prompt_targets[row, :start - 1] = torch.tensor(ids[1:start], device=device)
+        on_prompt = prompt_targets != -100
+        losses = F.cross_entropy(logits[on_prompt].float(), prompt_targets[on_prompt], reduction="none")
+        row_of = on_prompt.nonzero()[:, 0]  # the row each prompt position's loss belongs to
+        prompt_loss = torch.zeros(len(rows), device=device).index_add_(0, row_of, losses)
+        index = torch.tensor(rows)
+        judged["exact"][index] = hit.all(dim=1).cpu()
+        judged["answer"][index] = (response_ok & stops_word).cpu()
+        judged["prompt_loss"][index] = (prompt_loss / on_prompt.sum(1).clamp(min=1)).cpu()
+    return judged
 
 
 def accuracies(counts: dict, eval_sets: dict) -> dict:
@@ -439,11 +481,14 @@ def main(argv=None):
         if args.json:
             write_json(args.json, {"results": results})  # {"answer"|"exact": {set: {mode: accuracy}}}
     for mode in args.modes if args.prompt else []:
-        model = run.build(mode, args.device)
-        failed = compile_decoding(model) if args.compile else None
+        models = run.candidates(mode, args.device)  # one model, or those a selecting mode picks from per prompt
+        failed = [why for model in models if (why := compile_decoding(model))] if args.compile else None
         if failed:
-            print(f"--compile: torch.compile failed ({failed}); decoding without it", file=sys.stderr)
+            print(f"--compile: torch.compile failed ({failed[0]}); decoding without it", file=sys.stderr)
         for prompt in args.prompt:
+            model = models[0] if len(models) == 1 else min(
+                models, key=lambda m: float(judge(m, [{"prompt": prompt, "response": ""}], run.sp, run.template)
+                                            ["prompt_loss"][0]))
             text = generate_text(model, run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                                  run.template)
             print(text if len(args.modes) == 1 else f"{mode:>8}: {text}")

@@ -263,13 +263,16 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scale
 
 
-def add_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.05) -> nn.Module:
+def add_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, where=None) -> nn.Module:
     """In place: wrap every attention and FFN linear layer in LoRA and freeze everything else
-    (embeddings, norms, output head, the wrapped weights); only the adapters train."""
+    (embeddings, norms, output head, the wrapped weights); only the adapters train. `where`, a test on a
+    layer's weight name, keeps adapters off the layers it rejects: e.g. attention everywhere and the FFN
+    of the first k blocks only, the paper's TOA-k (Fig. 3)."""
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and (is_ffn(n + ".weight") or is_attention(n + ".weight"))]
+               if isinstance(m, nn.Linear) and (is_ffn(n + ".weight") or is_attention(n + ".weight"))
+               and (where is None or where(n + ".weight"))]
     if not targets:
         raise ValueError("taia.add_lora: no attention or FFN linear layers found")
     for name, linear in targets:

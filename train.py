@@ -24,12 +24,13 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import taia
 from common import (FILES, DirectoryLock, OneLineParser, UserError, atomic_write, file_fingerprint, load_checkpoint,
                     make_dir, remove, resolve_device, run_cli, save_checkpoint, write_json)
 from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, check_utf8_args, encode_example,
-                       load_tokenizer, read_examples, read_lines, token_stream, train_tokenizer)
+                       load_tokenizer, random_windows, read_examples, read_lines, token_stream, train_tokenizer)
 from data.toy_world import generate as generate_toy_world
 from infer import (FinishedRun, accuracies, check_hf_dir, config_from_dict, load_base, parse_modes, print_results,
                    read_eval_sets)
@@ -89,9 +90,21 @@ def parse_args(argv=None):
     a("--train_scope", default="all", choices=["all", "attn", "ffn"],
       help="all: train every parameter (TAIA's premise); attn: TOA; ffn: TOF")
     a("--freeze_embeddings", action="store_true", help="do not fine-tune the embeddings and output head")
+    a("--ffn_layers", type=int, metavar="K", help="fine-tune the FFN of the first K blocks only (default: every "
+      "block); with --lora_rank, FFN adapters in those blocks only. The paper's TOA-k (Fig. 3): with --lora_rank "
+      "and evaluated as taia, K=0 is TOA and K=n_layers is TAIA")
     a("--lora_rank", type=int, default=0, help="LoRA on all 7 linear layers of every block (0: full fine-tuning)")
     a("--lora_alpha", type=float, default=32.0)
     a("--lora_dropout", type=float, default=0.05)
+    # the paper's regularised baselines (Table 2): a pull toward the base, for full fine-tuning
+    a("--l2_weight", type=float, default=0.0, help="L2 baseline: add l2_weight/2 * sum (w - w_base)^2 over the "
+                                                   "fine-tuned weights to the loss (default 0: off)")
+    a("--ewc_weight", type=float, default=0.0, help="EWC baseline: the same pull, each weight's scaled by its "
+      "diagonal Fisher information on pretraining text (mean 1 over the weights, so that L2 is EWC with every "
+      "F = 1; default 0: off)")
+    a("--ewc_text", metavar="FILE.txt", help="EWC: the text the Fisher information is measured on (default: the "
+                                             "pretraining text, the toy world's or --pretrain_text)")
+    a("--ewc_windows", type=int, default=256, help="EWC: windows of --seq_len tokens the Fisher is averaged over")
     # machinery
     a("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     a("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -119,12 +132,12 @@ def parse_args(argv=None):
     inf = float("inf")
     ranges = [  # (flags, the test each value must pass, the words for it); nan fails every comparison
         (("seeds", "pretrain_steps", "finetune_steps", "batch_tokens", "micro_batch", "finetune_batch", "seq_len",
-          "log_interval", "dim", "n_layers", "hidden_dim"), lambda x: x >= 1, "at least 1"),
-        (("lora_rank", "save_interval"), lambda x: x >= 0, "at least 0"),
+          "log_interval", "dim", "n_layers", "hidden_dim", "ewc_windows"), lambda x: x >= 1, "at least 1"),
+        (("lora_rank", "save_interval", "ffn_layers"), lambda x: x >= 0, "at least 0"),
         (("seed",), lambda x: 0 <= x < 2 ** 63, "from 0 to 2**63 - 1"),  # a torch seed is a 64-bit integer
         (("vocab_size",), lambda x: 1 <= x < 2 ** 31, "from 1 to 2**31 - 1"),  # sentencepiece's int32
         (("pretrain_lr", "finetune_lr", "lora_alpha", "peak_tflops"), lambda x: 0 < x < inf, "a finite number > 0"),
-        (("weight_decay",), lambda x: 0 <= x < inf, "a finite number >= 0"),
+        (("weight_decay", "l2_weight", "ewc_weight"), lambda x: 0 <= x < inf, "a finite number >= 0"),
         (("lora_dropout",), lambda x: 0 <= x < 1, "in [0, 1)"),
     ]
     for names, test, words in ranges:
@@ -137,8 +150,16 @@ def parse_args(argv=None):
     if args.fsdp and (args.lora_rank or args.dtype == "float16"):
         p.error("--fsdp shards full fine-tuning in float32 or bfloat16: drop --lora_rank (LoRA trains little; DDP "
                 "holds it) and --dtype float16")
-    if args.lora_rank and args.train_scope != "all":
-        p.error("--lora_rank puts adapters on every linear layer; combine it only with --train_scope all")
+    if args.ffn_layers is not None and args.train_scope == "attn":
+        p.error("--ffn_layers K chooses which FFNs fine-tuning trains; --train_scope attn trains none")
+    if args.ffn_layers == 0 and args.train_scope == "ffn":
+        p.error("--train_scope ffn with --ffn_layers 0 trains nothing")
+    if (args.l2_weight or args.ewc_weight) and (args.lora_rank or args.fsdp):
+        p.error("--l2_weight / --ewc_weight pull full fine-tuning toward the base: drop --lora_rank and --fsdp")
+    if args.ewc_weight and args.init_from and not args.ewc_text:
+        p.error("--ewc_weight with --init_from: give --ewc_text FILE.txt, text like the base was trained on")
+    if args.ewc_text and not args.ewc_weight:
+        p.error("--ewc_text is for --ewc_weight")
     args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
     try:
         check_template(args.template)
@@ -181,7 +202,12 @@ def check_inputs(args):
     read_eval_sets(args.eval)
     if args.pretrain_text and args.stage in ("all", "pretrain"):
         read_lines(args.pretrain_text)
-    check_memory(args, planned_base(args))
+    if args.ewc_text:
+        read_lines(args.ewc_text)
+    cfg = planned_base(args)
+    if cfg and args.ffn_layers is not None and args.ffn_layers > cfg.n_layers:
+        raise UserError(f"--ffn_layers {args.ffn_layers} is more than the model's n_layers ({cfg.n_layers})")
+    check_memory(args, cfg)
 
 
 # ---- main: every stage, for one seed or several ----------------------------------------------------
@@ -313,20 +339,19 @@ def stage_finetune(args, out_dir: str, seed: int):
     # for the fine-tuning batch order, seed + 2 for LoRA's adapters and dropout. Kept apart, so that adding
     # LoRA or changing its rank leaves the batch order exactly as it was.
     torch.manual_seed(seed + 2)
+    trains = fine_tuned(args)
     if args.lora_rank:
-        taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+        taia.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, where=trains)
     else:
-        scope = {"all": set(taia.GROUPS), "attn": {"attention"}, "ffn": {"ffn"}}[args.train_scope]
-        if args.freeze_embeddings:
-            scope -= {"embedding", "head"}
         for name, p in model.named_parameters():
-            p.requires_grad_(taia.group_of(name) in scope)
+            p.requires_grad_(trains(name))
+    anchor = pull_toward_base(model, args, sp, out_dir, seed)  # the L2 / EWC baselines; None without them
     settings = finetune_settings(args, out_dir, seed)
     base_ffn = taia.fingerprint(original_ffn)  # what infer.py checks the snapshot and the base against
     batches = ExampleBatches(encoded, args.finetune_batch, sp.eos_id(), seed + 1)
     with StopRequest() as stop:  # a Ctrl-C from here on lets the step under way, or the saving, finish first
         train_loop(model, batches, args.finetune_steps, args.finetune_lr, 0.0, args, "finetune", out_dir,
-                   resume_key(settings), stop)
+                   resume_key(settings), stop, anchor)
         # Step 3 happens at inference (infer.FinishedRun.build("taia")): the tuned model with original_ffn
         # put back by taia.rebuild. Under LoRA, save the fully merged weights: every mode derives from base +
         # tuned, and for LoRA combine(base, merged, "taia") equals merging only the attention adapters.
@@ -359,12 +384,14 @@ def stage_eval(args, out_dir: str, started: float) -> dict:
 # ---- the training loop, shared by pretraining and fine-tuning ----------------------------------------
 
 def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay: float, args, stage: str,
-               out_dir: str, run_key: dict, stop: StopRequest):
+               out_dir: str, run_key: dict, stop: StopRequest, anchor: "Anchor | None" = None):
     """AdamW, warmup + cosine, gradient clipping at 1.0. Every step takes one global batch from `batches`;
     this process runs its share in micro-batches, and the loss is the sum over the batch's target tokens
     divided by their number, so any split over micro-batches and processes gives the same gradient.
-    `run_key` names what a resumed run must share with the stopped one. A Ctrl-C (`stop`) before the last
-    step saves a resumable state and stops; one with the last step is the stage's to act on, once saved."""
+    `anchor` (the L2 / EWC baselines) adds its pull toward the base to the gradient; the logged loss is the
+    data's alone. `run_key` names what a resumed run must share with the stopped one. A Ctrl-C (`stop`)
+    before the last step saves a resumable state and stops; one with the last step is the stage's to act
+    on, once saved."""
     trained = wrap_for_training(model, args)  # compiled, DDP or sharded; `model` stays the raw module we save
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
@@ -395,6 +422,8 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
             loss += micro_loss.item()
         loss, stop_now = agree(loss, stop, args)  # the batch's loss; did any process get Ctrl-C?
         scaler.unscale_(optimizer)
+        if anchor:
+            anchor.add_gradient()
         grad_norm = clip_gradients(params, 1.0)
         check_finite(loss, grad_norm, scaler, step, state)  # stop before a nan reaches the weights
         state.save_if_due(step)  # an interval checkpoint, one step late: this finite loss vouches for it
@@ -406,6 +435,78 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
         if stop_now and step + 1 < steps:
             state.stop(step + 1, steps)
     model.eval()
+
+
+# ---- what fine-tuning trains, and the paper's regularised baselines (L2, EWC) ----------------------
+
+def fine_tuned(args):
+    """Which parameters fine-tuning trains, as a test on a name: the groups of --train_scope (all: TAIA's
+    premise; attn: TOA; ffn: TOF), without embeddings and head under --freeze_embeddings, and of the FFN
+    only the first --ffn_layers blocks (the paper's TOA-k). Under LoRA, which layers get adapters."""
+    scope = {"all": set(taia.GROUPS), "attn": {"attention"}, "ffn": {"ffn"}}[args.train_scope]
+    if args.freeze_embeddings:
+        scope -= {"embedding", "head"}
+
+    def trains(name: str) -> bool:
+        group = taia.group_of(name)
+        if group == "ffn" and args.ffn_layers is not None:
+            return taia.layer_of(name) < args.ffn_layers
+        return group in scope
+    return trains
+
+
+class Anchor:
+    """The L2 and EWC baselines of the paper's Table 2: every trained weight is pulled back toward its value
+    at the start of fine-tuning, by the penalty 1/2 * sum_i s_i * (w_i - w0_i)^2 with stiffness
+    s = l2_weight + ewc_weight * F_i. Its gradient s * (w - w0) is added once per step, after the loss's
+    gradient has been summed over micro-batches and processes (each process adds the same)."""
+
+    def __init__(self, model: Transformer, stiffness: dict):
+        self.pulls = [(p, p.detach().clone(), stiffness[name]) for name, p in model.named_parameters()
+                      if p.requires_grad]
+
+    @torch.no_grad()
+    def add_gradient(self):
+        for p, start, s in self.pulls:
+            pull = s * (p - start)
+            p.grad = pull if p.grad is None else p.grad.add_(pull)
+
+
+def pull_toward_base(model: Transformer, args, sp, out_dir: str, seed: int) -> Anchor | None:
+    """The Anchor of --l2_weight / --ewc_weight, taken now, before any update: None when both are 0."""
+    if not (args.l2_weight or args.ewc_weight):
+        return None
+    fisher = fisher_diagonal(model, args, sp, ewc_text_path(args, out_dir), seed) if args.ewc_weight else {}
+    stiffness = {name: args.l2_weight + args.ewc_weight * fisher[name] if fisher else args.l2_weight
+                 for name, p in model.named_parameters() if p.requires_grad}
+    return Anchor(model, stiffness)
+
+
+def fisher_diagonal(model: Transformer, args, sp, text_path: str, seed: int) -> dict:
+    """EWC's importance of every trained weight (Kirkpatrick et al., 2017): the empirical diagonal Fisher
+    information of the base model on text like its pretraining, i.e. the squared gradient of the next-token
+    loss, averaged over --ewc_windows random windows of --seq_len tokens, one window at a time. Scaled to
+    mean 1 over the trained weights, so that --ewc_weight is on --l2_weight's scale."""
+    stream = token_stream(read_lines(text_path), sp)
+    if len(stream) <= args.seq_len + 1:
+        raise UserError(f"{text_path} has {len(stream)} tokens: fewer than one EWC window of {args.seq_len}")
+    inputs, targets = random_windows(stream, args.ewc_windows, args.seq_len, torch.Generator().manual_seed(seed + 3))
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros_like(p) for name, p in trained.items()}
+    autocast, _ = mixed_precision(args)
+    for x, y in zip(tqdm(inputs.split(1), desc="EWC Fisher", disable=not is_main(args), leave=False), targets.split(1)):
+        with autocast:
+            logits = model(x.to(args.device))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(args.device).reshape(-1))
+        grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
+        for f, g in zip(fisher.values(), grads):
+            if g is not None:
+                f += g.float() ** 2
+    mean = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+    if not mean > 0:
+        raise UserError(f"EWC: the Fisher information on {text_path} is zero (the loss does not depend on the "
+                        "trained weights there)")
+    return {name: f / mean for name, f in fisher.items()}
 
 
 # ---- what the stages share -----------------------------------------------------------------------
@@ -448,7 +549,10 @@ FINETUNE_KEYS = ("init_from", "finetune", "finetune_set", "template", "finetune_
                  "dtype")
 
 
-PATHS = ("pretrain_text", "finetune", "init_from")  # recorded, but compared by the content they name
+# Options added later, with the value that means "off": a stage's settings name them only when used, so the
+# runs made before them still resume (and the default run's files are as they were).
+LATER_FINETUNE_KEYS = {"ffn_layers": None, "l2_weight": 0.0, "ewc_weight": 0.0}
+PATHS = ("pretrain_text", "finetune", "init_from", "ewc_text")  # recorded, but compared by the content they name
 
 
 def pretrain_text_path(args, out_dir: str) -> str:
@@ -457,6 +561,10 @@ def pretrain_text_path(args, out_dir: str) -> str:
 
 def finetune_path(args, out_dir: str) -> str:
     return args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set]
+
+
+def ewc_text_path(args, out_dir: str) -> str:
+    return args.ewc_text or pretrain_text_path(args, out_dir)
 
 
 def pretrain_settings(args, out_dir: str, seed: int) -> dict:
@@ -472,6 +580,10 @@ def finetune_settings(args, out_dir: str, seed: int) -> dict:
             os.path.join(args.init_from, name) for name in ("config.json", "tokenizer.model")]
     else:
         base_files = [os.path.join(out_dir, FILES["base"])]  # which names its tokenizer by fingerprint
+    settings.update({k: getattr(args, k) for k, off in LATER_FINETUNE_KEYS.items() if getattr(args, k) != off})
+    if args.ewc_weight:  # the Fisher's text, by content, and how much of it
+        settings.update(ewc_text=args.ewc_text, ewc_windows=args.ewc_windows,
+                        ewc_data=file_fingerprint(ewc_text_path(args, out_dir)))
     return {**settings, "seed": seed, "finetune_data": file_fingerprint(finetune_path(args, out_dir)),
             "base": file_fingerprint(*base_files)}
 

@@ -116,6 +116,18 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--threads", "0"], "--threads"),
         (["--threads", "many"], "--threads"),
         (["--fsdp", "--lora_rank", "4"], "--fsdp shards full fine-tuning"),
+        (["--l2_weight", "-1"], "--l2_weight must be a finite number >= 0"),
+        (["--ewc_weight", "inf"], "--ewc_weight must be a finite number >= 0"),
+        (["--ewc_windows", "0"], "--ewc_windows"),
+        (["--l2_weight", "1", "--lora_rank", "4"], "pull full fine-tuning toward the base"),
+        (["--ewc_text", good_jsonl], "--ewc_text is for --ewc_weight"),
+        (["--ewc_weight", "1", "--ewc_text", tmp_path / "missing.txt"], "cannot read"),
+        (["--ewc_weight", "1", "--init_from", tmp_path, "--finetune", good_jsonl, "--eval", good_jsonl],
+         "give --ewc_text"),
+        (["--ffn_layers", "-1"], "--ffn_layers must be at least 0"),
+        (["--ffn_layers", "2"], "--ffn_layers 2 is more than the model's n_layers (1)"),
+        (["--ffn_layers", "1", "--train_scope", "attn"], "--train_scope attn trains none"),
+        (["--ffn_layers", "0", "--train_scope", "ffn"], "trains nothing"),
         (["--init_from", tmp_path, "--stage", "pretrain"], "replaces pretraining"),
         (["--init_from", tmp_path / "nowhere", "--finetune", good_jsonl, "--eval", good_jsonl], "no such directory"),
         # Inputs that later stages read are checked before pretraining starts.
@@ -152,7 +164,7 @@ from common import run_cli
 def planted(*args, **kwargs):
     raise ValueError("a planted bug")
 
-train.cosine_lr = infer.count_correct = planted
+train.cosine_lr = infer.judge = planted
 program, *argv = sys.argv[1:]
 run_cli(lambda: (train if program == "train" else infer).main(argv))
 """)

@@ -1,0 +1,118 @@
+"""What the experiments share: each seed's base pretrained once, fine-tunes of it, and the statistics.
+
+Every model here is made by the real train.py, run as a program: `train.py --stage pretrain` writes
+ROOT/seed_K/base once per seed, and each fine-tune is a copy of that folder that `train.py --resume`
+fine-tunes with its own flags and evaluates (it skips the finished pretraining, and a fine-tune already
+made with the same flags and files, so a second run of an experiment only evaluates again). Nothing here
+trains or scores a model itself; the experiments read the results.json files train.py writes.
+"""
+import argparse
+import filecmp
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common import FILES, UserError, atomic_write, write_json  # noqa: E402
+
+BASE_FILES = ("data", FILES["base"], FILES["tokenizer"])  # what a fine-tune copies from its seed's base
+
+
+def add_arguments(p: argparse.ArgumentParser, seeds: int):
+    p.add_argument("--root", default="out/experiments", help="where the runs go; every experiment shares its "
+                   "bases (default: out/experiments)")
+    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds 0..N-1 (default: {seeds})")
+    p.add_argument("--jobs", type=int, default=2, help="train.py runs side by side, one thread each (default: 2, "
+                   "for a 2-core machine; 1 runs one at a time with --threads auto)")
+    p.add_argument("--train_args", default="", metavar="FLAGS", help='more flags for every train.py run, e.g. '
+                   '"--pretrain_steps 800" (runs made with other flags are refused: give those another --root)')
+    p.add_argument("--json", metavar="FILE", help="write every point (seed, setting, mode, set, accuracy) here")
+    p.add_argument("--png", metavar="FILE.png", help="also draw the figure (needs matplotlib)")
+
+
+def check_arguments(args):
+    if args.seeds < 1 or args.jobs < 1:
+        raise UserError("--seeds and --jobs must be at least 1")
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--png needs matplotlib (pip install matplotlib); without --png the table still "
+                            "prints") from None
+
+
+def train(args, out_dir: Path, seed: int, *flags) -> None:
+    """One run of train.py; its failure is this program's, with train.py's last line."""
+    threads = ["--threads", "1"] if args.jobs > 1 else []
+    command = [sys.executable, str(REPO / "train.py"), "--out_dir", str(out_dir), "--seed", str(seed), *threads,
+               *shlex.split(args.train_args), *map(str, flags)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    with open(out_dir.parent / f"{out_dir.name}.log", "w") as log:
+        log.write(" ".join(command) + "\n" + result.stdout + result.stderr)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"train.py failed for {out_dir} (see {out_dir}.log): {last}")
+
+
+def base(args, seed: int) -> Path:
+    """ROOT/seed_K/base: the toy world and the pretrained base of seed K (pretrained unless there already)."""
+    out = Path(args.root) / f"seed_{seed}" / "base"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train(args, out, seed, "--stage", "pretrain", "--resume")
+    return out
+
+
+def finetune(args, seed: int, name: str, flags: list, modes: str = "base,vanilla,taia,taif,loracl") -> dict:
+    """ROOT/seed_K/NAME: seed K's base fine-tuned with `flags` and evaluated in `modes` on the toy world's
+    sets; returns its results.json. A folder whose base is not the seed's current one starts afresh."""
+    base_dir = Path(args.root) / f"seed_{seed}" / "base"
+    out = base_dir.parent / name
+    if not (out / FILES["base"]).exists() or not filecmp.cmp(base_dir / FILES["base"], out / FILES["base"], False):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for item in BASE_FILES:
+            copy = shutil.copytree if (base_dir / item).is_dir() else shutil.copyfile
+            copy(base_dir / item, out / item)
+    train(args, out, seed, "--resume", "--modes", modes, *flags)
+    with open(out / FILES["results"]) as f:
+        return json.load(f)
+
+
+def run_all(args, jobs: list[tuple]) -> list:
+    """Each (function, *arguments) of jobs, --jobs at a time; their results in order."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(fn, *fn_args) for fn, *fn_args in jobs]
+        return [f.result() for f in futures]
+
+
+def bases(args) -> list[Path]:
+    return run_all(args, [(base, args, seed) for seed in range(args.seeds)])
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):5.1f} ± {statistics.pstdev(values):4.1f}"
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """a - b per seed: mean ± std, and in how many seeds a is ahead."""
+    diffs = [x - y for x, y in zip(a, b)]
+    return f"{statistics.mean(diffs):+5.1f} ± {statistics.pstdev(diffs):4.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+
+
+def write_points(path: str | None, points: list[dict]):
+    if path:
+        write_json(path, {"points": points})
+        print(f"wrote {path}")
+
+
+def save_figure(fig, path: str):
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    print(f"wrote {path}")
