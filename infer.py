@@ -223,13 +223,21 @@ class FinishedRun:
         """The models a mode answers with: one, or for a selecting mode (SELECTING) the models it chooses from."""
         return [self.build(m, device) for m in SELECTING.get(mode, [mode])]
 
+    def pick(self, models: list[Transformer], prompt: str) -> Transformer:
+        """The one of `models` a selecting mode answers this prompt with (the only one, if only one)."""
+        if len(models) == 1:
+            return models[0]
+        example = [{"prompt": prompt, "response": ""}]
+        return models[int(selection([judge(m, example, self.sp, self.template, prompt_loss=True) for m in models])[0])]
+
     def count_correct_per_mode(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
         """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set."""
         counts = {}
         for mode in modes:
             models = self.candidates(mode, device)
             for name, examples in eval_sets.items():
-                judged = lowest_prompt_loss([judge(m, examples, self.sp, self.template) for m in models])
+                judged = lowest_prompt_loss([judge(m, examples, self.sp, self.template, prompt_loss=len(models) > 1)
+                                             for m in models])
                 for metric in ("exact", "answer"):
                     counts[metric, name, mode] = int(judged[metric].sum())
         return counts
@@ -240,10 +248,16 @@ class FinishedRun:
 SELECTING = {"loracl": ("base", "vanilla")}
 
 
+def selection(judged: list[dict]) -> torch.Tensor:
+    """Per example, which of the models judge() scored has the lowest prompt loss (ties: the first)."""
+    return torch.stack([j["prompt_loss"] for j in judged]).argmin(0)  # (argmin: the first of equal minima)
+
+
 def lowest_prompt_loss(judged: list[dict]) -> dict:
-    """Per example, the judge() outcome of the model with the lowest prompt loss (ties: the first)."""
-    losses = torch.stack([j["prompt_loss"] for j in judged])
-    pick = losses.argmin(0)  # the first of equal minima
+    """Per example, the judge() outcome of the model with the lowest prompt loss; one model's as it is."""
+    if len(judged) == 1:
+        return judged[0]
+    pick = selection(judged)
     return {key: torch.stack([j[key] for j in judged]).gather(0, pick[None])[0] for key in judged[0]}
 
 
@@ -291,14 +305,15 @@ def count_correct(model: Transformer, examples: list[dict], sp, template: str = 
 
 @torch.no_grad()
 def judge(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TEMPLATE,
-          batch_size: int = 128) -> dict:
+          batch_size: int = 128, prompt_loss: bool = False) -> dict:
     """Per example, in the examples' order, whether its greedy continuation is right in two senses:
     - "exact": exactly the response, then EOS (the model answers and stops);
     - "answer": starts with the response as whole words (answer extraction, as the paper's evaluations
       read an answer out of a longer output; "Paris is the city..." counts, "Parisian" does not);
-    and "prompt_loss": the mean next-token loss on the prompt's own tokens (after BOS), how familiar the
-    prompt is to the model. Computed in one teacher-forced pass: greedy decoding reproduces the reference
-    if and only if every reference token is the argmax given the reference tokens before it."""
+    and with prompt_loss, "prompt_loss": the mean next-token loss on the prompt's own tokens (after BOS),
+    how familiar the prompt is to the model. Computed in one teacher-forced pass: greedy decoding
+    reproduces the reference if and only if every reference token is the argmax given the reference
+    tokens before it."""
     device = next(model.parameters()).device
     ends_word = word_end_table(sp).to(device)
     encoded = [encode_example(e, sp, template) for e in examples]
@@ -306,8 +321,9 @@ def judge(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TE
         if len(ids) - 1 > model.cfg.max_seq_len:
             raise UserError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # batches of similar lengths
-    judged = {"exact": torch.zeros(len(encoded), dtype=torch.bool), "answer": torch.zeros(len(encoded), dtype=torch.bool),
-              "prompt_loss": torch.zeros(len(encoded))}
+    judged = {"exact": torch.zeros(len(encoded), dtype=torch.bool), "answer": torch.zeros(len(encoded), dtype=torch.bool)}
+    if prompt_loss:
+        judged["prompt_loss"] = torch.zeros(len(encoded))
     for i in range(0, len(order), batch_size):
         rows = order[i:i + batch_size]
         inputs, targets = example_batch([encoded[r] for r in rows], pad_id=sp.eos_id())
@@ -318,19 +334,25 @@ def judge(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TE
         hit = (predicted == targets) | (targets == -100)
         response_ok = (hit | is_eos).all(dim=1)
         stops_word = (ends_word[predicted] | ~is_eos).all(dim=1)
-        prompt_targets = torch.full_like(targets, -100)  # position t predicts prompt token t + 1
-        for row, r in enumerate(rows):
-            ids, start = encoded[r]
-            prompt_targets[row, :start - 1] = torch.tensor(ids[1:start], device=device)
-        on_prompt = prompt_targets != -100
-        losses = F.cross_entropy(logits[on_prompt].float(), prompt_targets[on_prompt], reduction="none")
-        row_of = on_prompt.nonzero()[:, 0]  # the row each prompt position's loss belongs to
-        prompt_loss = torch.zeros(len(rows), device=device).index_add_(0, row_of, losses)
         index = torch.tensor(rows)
         judged["exact"][index] = hit.all(dim=1).cpu()
         judged["answer"][index] = (response_ok & stops_word).cpu()
-        judged["prompt_loss"][index] = (prompt_loss / on_prompt.sum(1).clamp(min=1)).cpu()
+        if prompt_loss:
+            judged["prompt_loss"][index] = mean_prompt_loss(logits, inputs, [encoded[r][1] for r in rows]).cpu()
     return judged
+
+
+def mean_prompt_loss(logits: torch.Tensor, inputs: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """Per row, the mean loss of predicting the prompt's tokens after BOS (inputs[1:start]) from the ones
+    before them: position t predicts input t + 1."""
+    on_prompt = torch.zeros_like(inputs, dtype=torch.bool)
+    for row, start in enumerate(starts):
+        on_prompt[row, :start - 1] = True
+    next_tokens = inputs.roll(-1, dims=1)
+    losses = F.cross_entropy(logits[on_prompt], next_tokens[on_prompt], reduction="none")
+    row_of = on_prompt.nonzero()[:, 0]  # the row each prompt position's loss belongs to
+    total = torch.zeros(len(starts), device=logits.device).index_add_(0, row_of, losses)
+    return total / on_prompt.sum(1).clamp(min=1)
 
 
 def accuracies(counts: dict, eval_sets: dict) -> dict:
@@ -486,10 +508,7 @@ def main(argv=None):
         if failed:
             print(f"--compile: torch.compile failed ({failed[0]}); decoding without it", file=sys.stderr)
         for prompt in args.prompt:
-            model = models[0] if len(models) == 1 else min(
-                models, key=lambda m: float(judge(m, [{"prompt": prompt, "response": ""}], run.sp, run.template)
-                                            ["prompt_loss"][0]))
-            text = generate_text(model, run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+            text = generate_text(run.pick(models, prompt), run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                                  run.template)
             print(text if len(args.modes) == 1 else f"{mode:>8}: {text}")
 

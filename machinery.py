@@ -213,8 +213,8 @@ def training_memory(args, cfg: ModelConfig) -> list[tuple[str, int, str]]:
         need = 4 * n_params + args.finetune_batch * 32  # and each example's input and target ids, 2 tokens at least
         if on_cpu:
             need += 4 * adapters + 12 * trained // shards(args) + min(args.micro_batch, args.finetune_batch) * per_token
-        # the L2 / EWC baselines keep the start of every trained weight, EWC its Fisher information too
-        need += 4 * trained * ((args.l2_weight > 0 or args.ewc_weight > 0) + (args.ewc_weight > 0))
+            # the L2 / EWC baselines keep the start of every trained weight, EWC its Fisher information too
+            need += 4 * trained * ((args.l2_weight > 0 or args.ewc_weight > 0) + (args.ewc_weight > 0))
         lora = f" with LoRA of rank {args.lora_rank:,} ({adapters:,} parameters)" if args.lora_rank else ""
         needs.append(("fine-tuning", need, f"{model}{lora} on batches of {args.finetune_batch:,} examples"))
     return needs

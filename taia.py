@@ -274,7 +274,7 @@ def add_lora(model: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: flo
                if isinstance(m, nn.Linear) and (is_ffn(n + ".weight") or is_attention(n + ".weight"))
                and (where is None or where(n + ".weight"))]
     if not targets:
-        raise ValueError("taia.add_lora: no attention or FFN linear layers found")
+        raise ValueError("taia.add_lora: no attention or FFN linear layers found (or `where` rejected them all)")
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoRALinear(linear, rank, alpha, dropout))

@@ -93,7 +93,8 @@ def parse_args(argv=None):
     a("--ffn_layers", type=int, metavar="K", help="fine-tune the FFN of the first K blocks only (default: every "
       "block); with --lora_rank, FFN adapters in those blocks only. The paper's TOA-k (Fig. 3): with --lora_rank "
       "and evaluated as taia, K=0 is TOA and K=n_layers is TAIA")
-    a("--lora_rank", type=int, default=0, help="LoRA on all 7 linear layers of every block (0: full fine-tuning)")
+    a("--lora_rank", type=int, default=0, help="LoRA on the linear layers of every block: all 7, or those "
+                                               "--train_scope and --ffn_layers name (0: full fine-tuning)")
     a("--lora_alpha", type=float, default=32.0)
     a("--lora_dropout", type=float, default=0.05)
     # the paper's regularised baselines (Table 2): a pull toward the base, for full fine-tuning
@@ -104,7 +105,8 @@ def parse_args(argv=None):
       "F = 1; default 0: off)")
     a("--ewc_text", metavar="FILE.txt", help="EWC: the text the Fisher information is measured on (default: the "
                                              "pretraining text, the toy world's or --pretrain_text)")
-    a("--ewc_windows", type=int, default=256, help="EWC: windows of --seq_len tokens the Fisher is averaged over")
+    a("--ewc_windows", type=int, default=256, help="EWC: windows of --seq_len tokens the Fisher is averaged over "
+                                                   "(default: 256)")
     # machinery
     a("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     a("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -158,8 +160,6 @@ def parse_args(argv=None):
         p.error("--l2_weight / --ewc_weight pull full fine-tuning toward the base: drop --lora_rank and --fsdp")
     if args.ewc_weight and args.init_from and not args.ewc_text:
         p.error("--ewc_weight with --init_from: give --ewc_text FILE.txt, text like the base was trained on")
-    if args.ewc_text and not args.ewc_weight:
-        p.error("--ewc_text is for --ewc_weight")
     args.template = args.template.replace("\\n", "\n")  # "\n" typed in a shell means a newline
     try:
         check_template(args.template)
@@ -207,6 +207,9 @@ def check_inputs(args):
     cfg = planned_base(args)
     if cfg and args.ffn_layers is not None and args.ffn_layers > cfg.n_layers:
         raise UserError(f"--ffn_layers {args.ffn_layers} is more than the model's n_layers ({cfg.n_layers})")
+    if cfg and args.ewc_weight and args.seq_len > cfg.max_seq_len:
+        raise UserError(f"--ewc_weight measures the Fisher on windows of --seq_len {args.seq_len} tokens: more than "
+                        f"the model's max_seq_len ({cfg.max_seq_len})")
     check_memory(args, cfg)
 
 
@@ -334,7 +337,7 @@ def stage_finetune(args, out_dir: str, seed: int):
 
     # TAIA, step 1: before any update, keep the original FFN weights. That is all it needs later.
     original_ffn = taia.snapshot(model)
-    # Step 2: fine-tune as usual: every parameter (or LoRA on every linear layer, or a scope for TOA/TOF).
+    # Step 2: fine-tune as usual: every parameter (or LoRA on every linear layer; or a scope for TOA/TOF/TOA-k).
     # Three random streams per seed: seed for the model's initialisation and pretraining windows, seed + 1
     # for the fine-tuning batch order, seed + 2 for LoRA's adapters and dropout. Kept apart, so that adding
     # LoRA or changing its rank leaves the batch order exactly as it was.
@@ -388,8 +391,8 @@ def train_loop(model: Transformer, batches, steps: int, lr: float, weight_decay:
     """AdamW, warmup + cosine, gradient clipping at 1.0. Every step takes one global batch from `batches`;
     this process runs its share in micro-batches, and the loss is the sum over the batch's target tokens
     divided by their number, so any split over micro-batches and processes gives the same gradient.
-    `anchor` (the L2 / EWC baselines) adds its pull toward the base to the gradient; the logged loss is the
-    data's alone. `run_key` names what a resumed run must share with the stopped one. A Ctrl-C (`stop`)
+    `anchor` (the L2 / EWC baselines) adds its pull toward the base to the gradient (the logged gradient norm
+    includes it; the logged loss is the data's alone). `run_key` names what a resumed run must share with the stopped one. A Ctrl-C (`stop`)
     before the last step saves a resumable state and stops; one with the last step is the stage's to act
     on, once saved."""
     trained = wrap_for_training(model, args)  # compiled, DDP or sharded; `model` stays the raw module we save
@@ -477,15 +480,15 @@ def pull_toward_base(model: Transformer, args, sp, out_dir: str, seed: int) -> A
     if not (args.l2_weight or args.ewc_weight):
         return None
     fisher = fisher_diagonal(model, args, sp, ewc_text_path(args, out_dir), seed) if args.ewc_weight else {}
-    stiffness = {name: args.l2_weight + args.ewc_weight * fisher[name] if fisher else args.l2_weight
+    stiffness = {name: (args.l2_weight + args.ewc_weight * fisher[name]) if fisher else args.l2_weight
                  for name, p in model.named_parameters() if p.requires_grad}
     return Anchor(model, stiffness)
 
 
 def fisher_diagonal(model: Transformer, args, sp, text_path: str, seed: int) -> dict:
     """EWC's importance of every trained weight (Kirkpatrick et al., 2017): the empirical diagonal Fisher
-    information of the base model on text like its pretraining, i.e. the squared gradient of the next-token
-    loss, averaged over --ewc_windows random windows of --seq_len tokens, one window at a time. Scaled to
+    information of the base model on text like its pretraining: the squared gradient of a window's mean
+    next-token loss, averaged over --ewc_windows random windows of --seq_len tokens, in float32. Scaled to
     mean 1 over the trained weights, so that --ewc_weight is on --l2_weight's scale."""
     stream = token_stream(read_lines(text_path), sp)
     if len(stream) <= args.seq_len + 1:
@@ -493,15 +496,13 @@ def fisher_diagonal(model: Transformer, args, sp, text_path: str, seed: int) -> 
     inputs, targets = random_windows(stream, args.ewc_windows, args.seq_len, torch.Generator().manual_seed(seed + 3))
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     fisher = {name: torch.zeros_like(p) for name, p in trained.items()}
-    autocast, _ = mixed_precision(args)
     for x, y in zip(tqdm(inputs.split(1), desc="EWC Fisher", disable=not is_main(args), leave=False), targets.split(1)):
-        with autocast:
-            logits = model(x.to(args.device))
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(args.device).reshape(-1))
+        logits = model(x.to(args.device))  # (no autocast: float16's small squared gradients would flush to 0)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(args.device).reshape(-1))
         grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
         for f, g in zip(fisher.values(), grads):
             if g is not None:
-                f += g.float() ** 2
+                f += g ** 2
     mean = sum(float(f.sum()) for f in fisher.values()) / sum(f.numel() for f in fisher.values())
     if not mean > 0:
         raise UserError(f"EWC: the Fisher information on {text_path} is zero (the loss does not depend on the "
@@ -582,7 +583,7 @@ def finetune_settings(args, out_dir: str, seed: int) -> dict:
         base_files = [os.path.join(out_dir, FILES["base"])]  # which names its tokenizer by fingerprint
     settings.update({k: getattr(args, k) for k, off in LATER_FINETUNE_KEYS.items() if getattr(args, k) != off})
     if args.ewc_weight:  # the Fisher's text, by content, and how much of it
-        settings.update(ewc_text=args.ewc_text, ewc_windows=args.ewc_windows,
+        settings.update(ewc_text=args.ewc_text, ewc_windows=args.ewc_windows, ewc_seq_len=args.seq_len,
                         ewc_data=file_fingerprint(ewc_text_path(args, out_dir)))
     return {**settings, "seed": seed, "finetune_data": file_fingerprint(finetune_path(args, out_dir)),
             "base": file_fingerprint(*base_files)}

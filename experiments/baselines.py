@@ -2,14 +2,16 @@
 
     python experiments/baselines.py --seeds 5 --json docs/baselines.json
 
-For every seed, from its base (pretrained once, shared with the other experiments in --root):
-- a plain full fine-tune, evaluated as base, vanilla, TAIA and loracl (for each prompt, base or vanilla,
-  whichever has the lower loss on the prompt: infer.SELECTING);
-- fine-tunes with `train.py --l2_weight W` and with `--ewc_weight W` (Fisher information on the
-  pretraining text) for each W of a sweep, evaluated as vanilla: the penalty is the method.
-Each penalty's W is the one with the best mean answer match on ood_val over the seeds (never the test
-set). Prints that sweep, then every method on ood_test, knowledge and ft_only_facts (mean ± std over
-seeds) with TAIA's paired lead over each.
+For every seed, from its base (pretrained once, shared with the other experiments in --root), full
+fine-tunes by train.py:
+- plain, at train.py's default learning rate and at a sweep of others (--lrs), each evaluated as vanilla,
+  TAIA and loracl (for each prompt, base or vanilla, whichever has the lower loss on the prompt:
+  infer.SELECTING);
+- with `--l2_weight W` and with `--ewc_weight W` (Fisher information on the pretraining text) for each W
+  of a sweep (--weights), at the default learning rate, evaluated as vanilla: the penalty is the method.
+Every method's setting is the one with the best mean answer match on ood_val over the seeds (never the
+test set). Prints the sweeps, then every method on ood_test, knowledge and ft_only_facts (mean ± std over
+seeds) with TAIA's paired lead over each: once at the default learning rate, once each at its own choice.
 """
 import argparse
 import os
@@ -21,19 +23,24 @@ from runs import add_arguments, bases, check_arguments, finetune, mean_std, pair
 
 from common import OneLineParser, UserError, run_cli  # noqa: E402
 
-WEIGHTS = (0.01, 0.1, 1.0, 10.0)  # the sweep of --l2_weight and --ewc_weight
+# Each method's own sweep, each value a fine-tune of every seed: the fine-tuning learning rate (beside the
+# plain run at train.py's default) for vanilla, TAIA and LoRACL, which differ only in inference; the penalty's
+# weight (at the default learning rate) for L2 and EWC.
+SWEEPS = {"lr": ("--finetune_lr", (3e-4, 5e-4, 1e-3)), "L2": ("--l2_weight", (0.01, 0.1, 1.0, 10.0)),
+          "EWC": ("--ewc_weight", (0.01, 0.1, 1.0, 10.0))}
+METHODS = {"vanilla": ("lr", "vanilla"), "TAIA": ("lr", "taia"), "LoRACL": ("lr", "loracl"),
+           "L2": ("L2", "vanilla"), "EWC": ("EWC", "vanilla")}  # method: (its sweep, the mode it answers in)
 SETS = ("ood_test", "knowledge", "ft_only_facts")
-PENALTIES = {"L2": "--l2_weight", "EWC": "--ewc_weight"}
 
 
-def parse_weights(text: str) -> list[float]:
+def parse_values(flag: str, text: str) -> list[float]:
     try:
-        weights = [float(w) for w in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise UserError(f"--weights {text!r}: give numbers separated by commas") from None
-    if not all(0 < w < float("inf") for w in weights):
-        raise UserError(f"--weights {text!r}: every weight must be a finite number > 0")
-    return weights
+        raise UserError(f"{flag} {text!r}: give numbers separated by commas") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise UserError(f"{flag} {text!r}: every value must be a finite number > 0")
+    return list(dict.fromkeys(values))  # each once: a value's runs have one folder
 
 
 def answer(result: dict, name: str, mode: str) -> float:
@@ -44,48 +51,60 @@ def main(argv=None):
     p = OneLineParser(prog="experiments/baselines.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, seeds=5)
-    p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS),
+    p.add_argument("--lrs", default=",".join(f"{v:g}" for v in SWEEPS["lr"][1]),
+                   help="fine-tuning learning rates tried beside train.py's default (default: %(default)s)")
+    p.add_argument("--weights", default=",".join(f"{v:g}" for v in SWEEPS["L2"][1]),
                    help="the sweep of --l2_weight and --ewc_weight, comma-separated (default: %(default)s)")
     args = p.parse_args(argv)
     check_arguments(args)
-    weights = parse_weights(args.weights)
+    values = {"lr": parse_values("--lrs", args.lrs), "L2": parse_values("--weights", args.weights),
+              "EWC": parse_values("--weights", args.weights)}
     seeds = range(args.seeds)
     bases(args)
-    plain = [(finetune, args, s, "vanilla", []) for s in seeds]
-    swept = [(finetune, args, s, f"{kind.lower()}_{w:g}", [flag, w]) for kind, flag in PENALTIES.items()
-             for w in weights for s in seeds]
-    results = run_all(args, plain + swept)
-    vanilla_runs, results = results[:args.seeds], results[args.seeds:]
-    sweep = {(kind, w): [results.pop(0) for _ in seeds] for kind in PENALTIES for w in weights}
+    # (sweep, value or None for the plain run, folder, flags), each for every seed
+    settings = [("lr", None, "vanilla", [])] + [
+        (kind, v, f"{kind.lower()}_{v:g}", [SWEEPS[kind][0], v]) for kind in SWEEPS for v in values[kind]]
+    results = iter(run_all(args, [(finetune, args, s, folder, flags) for _, _, folder, flags in settings
+                                  for s in seeds]))
+    runs = {(kind, v): [next(results) for _ in seeds] for kind, v, _, _ in settings}
+    default_lr = runs["lr", None][0]["config"]["finetune"]["finetune_lr"]
 
-    points = [{"seed": s, "setting": "vanilla", "mode": mode, "set": name, "answer_match": answer(r, name, mode)}
-              for s, r in zip(seeds, vanilla_runs) for name in r["results"] for mode in r["results"][name]]
-    points += [{"seed": s, "setting": f"{kind} {w:g}", "mode": "vanilla", "set": name,
-                "answer_match": answer(r, name, "vanilla")}
-               for (kind, w), runs in sweep.items() for s, r in zip(seeds, runs) for name in r["results"]]
-    write_points(args.json, points)
+    def label(kind, v):
+        return f"lr {default_lr:g} (default)" if v is None else f"{'lr' if kind == 'lr' else kind} {v:g}"
 
-    print("ood_val (where the weights are chosen), answer match %, mean ± std over seeds")
-    print(f"{'weight':<8}" + "".join(f"{kind:>16}" for kind in PENALTIES))
-    for w in weights:
-        print(f"{w:<8g}" + "".join(f"{mean_std([answer(r, 'ood_val', 'vanilla') for r in sweep[kind, w]]):>16}"
-                                   for kind in PENALTIES))
-    chosen = {kind: max(weights, key=lambda w: statistics.mean(answer(r, "ood_val", "vanilla") for r in sweep[kind, w]))
-              for kind in PENALTIES}
-    methods = {"base": (vanilla_runs, "base"), "vanilla": (vanilla_runs, "vanilla"),
-               **{f"{kind} ({chosen[kind]:g})": (sweep[kind, chosen[kind]], "vanilla") for kind in PENALTIES},
-               "LoRACL": (vanilla_runs, "loracl"), "TAIA": (vanilla_runs, "taia")}
-    print(f"\nanswer match %, mean ± std over {args.seeds} seeds; last column: TAIA − method on ood_test "
-          "(seeds TAIA ahead)")
-    print(f"| method | {' | '.join(SETS)} | TAIA − method |")
-    print("|---|" + "---|" * (len(SETS) + 1))
-    taia = [answer(r, "ood_test", "taia") for r in vanilla_runs]
-    for method, (runs, mode) in methods.items():
-        cells = [mean_std([answer(r, name, mode) for r in runs]) for name in SETS]
-        lead = paired(taia, [answer(r, "ood_test", mode) for r in runs]) if method != "TAIA" else "-"
-        print(f"| {method} | {' | '.join(cells)} | {lead} |")
-    print("\nper seed, ood_test: " + "; ".join(
-        f"{method} " + " ".join(f"{answer(r, 'ood_test', mode):.1f}" for r in runs) for method, (runs, mode) in methods.items()))
+    write_points(args.json, [{"seed": s, "setting": label(kind, v), "mode": mode, "set": name,
+                              "answer_match": answer(r, name, mode)}
+                             for (kind, v), rs in runs.items() for s, r in zip(seeds, rs)
+                             for name in r["results"] for mode in r["results"][name]])
+
+    def scores(key, mode, name):
+        return [answer(r, name, mode) for r in runs[key]]
+
+    print(f"Each method's sweep, answer match % (mean ± std over {args.seeds} seeds): chosen on ood_val")
+    print("| method | setting | ood_val | ood_test |\n|---|---|---|---|")
+    chosen = {}
+    for method, (kind, mode) in METHODS.items():
+        keys = [key for key in runs if key[0] == kind]
+        chosen[method] = max(keys, key=lambda key: statistics.mean(scores(key, mode, "ood_val")))
+        for key in keys:
+            mark = " (chosen)" if key == chosen[method] else ""
+            print(f"| {method} | {label(*key)}{mark} | {mean_std(scores(key, mode, 'ood_val'))} | "
+                  f"{mean_std(scores(key, mode, 'ood_test'))} |")
+    tables = {"at train.py's default learning rate (L2 and EWC at their chosen weight)":
+              {m: (chosen[m] if kind != "lr" else ("lr", None), mode) for m, (kind, mode) in METHODS.items()},
+              "every method at its setting chosen on ood_val": {m: (chosen[m], mode) for m, (_, mode) in METHODS.items()}}
+    for title, methods in tables.items():
+        methods = {"base": (("lr", None), "base"), **methods}
+        taia = scores(*methods["TAIA"], "ood_test")
+        print(f"\n{title}: answer match %, mean ± std over {args.seeds} seeds; last column TAIA − method on ood_test "
+              "(seeds TAIA ahead)")
+        print(f"| method | setting | {' | '.join(SETS)} | TAIA − method |\n|---|---|" + "---|" * (len(SETS) + 1))
+        for method, (key, mode) in methods.items():
+            cells = [mean_std(scores(key, mode, name)) for name in SETS]
+            lead = paired(taia, scores(key, mode, "ood_test")) if method != "TAIA" else "-"
+            print(f"| {method} | {'-' if method == 'base' else label(*key)} | {' | '.join(cells)} | {lead} |")
+        print("per seed, ood_test: " + "; ".join(f"{method} " + " ".join(f"{v:.1f}" for v in scores(key, mode, "ood_test"))
+                                                for method, (key, mode) in methods.items()))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (add_arguments, bases, check_arguments, finetune, mean_std, paired, run_all, save_figure,  # noqa: E402
+from runs import (add_arguments, bases, check_arguments, figure, finetune, mean_std, paired, run_all,  # noqa: E402
                   write_points)
 
-from common import OneLineParser, run_cli  # noqa: E402
+from common import OneLineParser, UserError, run_cli  # noqa: E402
 from data.text import encode_example, read_examples  # noqa: E402
 from infer import FinishedRun  # noqa: E402
 
@@ -40,12 +40,15 @@ def residual_ratio(h: torch.Tensor) -> float:
 @torch.no_grad()
 def residual_ratios(model, prompts: list[dict], sp, template: str) -> list[float]:
     """For layer 0 (embeddings) and every block: residual_ratio of each prompt's tokens after BOS,
-    averaged over the prompts."""
+    averaged over the prompts (of two tokens or more: a single token is its own mean)."""
     outputs = []
     hooks = [model.embed.register_forward_hook(lambda m, i, out: outputs.append(out))]
     hooks += [block.register_forward_hook(lambda m, i, out: outputs.append(out)) for block in model.blocks]
     totals = [0.0] * (1 + len(model.blocks))
     try:
+        prompts = [e for e in prompts if encode_example(e, sp, template)[1] > 2]
+        if not prompts:
+            raise UserError("no ood_test prompt has two tokens or more")
         for example in prompts:
             ids, start = encode_example(example, sp, template)
             outputs.clear()
@@ -68,7 +71,7 @@ def main(argv=None):
     bases(args)
     run_all(args, [(finetune, args, s, name, flags) for s in seeds
                    for name, flags in (("vanilla", []), ("toa", ["--train_scope", "attn"]))])
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models: one thread is the fastest, and the numbers do not depend on the machine's
     ratios = {}  # (model name, seed) -> per layer
     for s in seeds:
         runs = {folder: FinishedRun(os.path.join(args.root, f"seed_{s}", folder)) for folder in ("vanilla", "toa")}
@@ -88,25 +91,17 @@ def main(argv=None):
               f"{paired(column['TAIA'], column['TOA'])} |")
     print("(values x 100)")
     if args.png:
-        figure(ratios, seeds, layers, args.png)
+        draw_ratios(ratios, seeds, layers, args.png)
 
 
-def figure(ratios: dict, seeds, layers, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.4, 3.8))
-    for name in MODELS:
-        mean = [statistics.mean(ratios[name, s][layer] for s in seeds) for layer in layers]
-        std = [statistics.pstdev(ratios[name, s][layer] for s in seeds) for layer in layers]
-        ax.errorbar(list(layers), mean, yerr=std, marker="o", capsize=3, label=name)
-    ax.set_xticks(list(layers))
-    ax.set_xlabel("layer (0: embeddings)")
-    ax.set_ylabel("||H − 1 hᵀ|| / ||H||")
-    ax.set_title("what is left after the token-uniform part, ood_test prompts")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
+def draw_ratios(ratios: dict, seeds, layers, path: str):
+    def draw(ax):
+        for name in MODELS:
+            mean = [statistics.mean(ratios[name, s][layer] for s in seeds) for layer in layers]
+            std = [statistics.pstdev(ratios[name, s][layer] for s in seeds) for layer in layers]
+            ax.errorbar(list(layers), mean, yerr=std, marker="o", capsize=3, label=name)
+    figure(path, layers, "layer (0: embeddings)", "||H − 1 hᵀ|| / ||H||",
+           "what is left after the token-uniform part, ood_test prompts", draw)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ trains or scores a model itself; the experiments read the results.json files tra
 import argparse
 import filecmp
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import FILES, UserError, atomic_write, write_json  # noqa: E402
+from common import FILES, UserError, atomic_write, load_checkpoint, write_json  # noqa: E402
 
 BASE_FILES = ("data", FILES["base"], FILES["tokenizer"])  # what a fine-tune copies from its seed's base
 
@@ -49,16 +48,19 @@ def check_arguments(args):
 
 
 def train(args, out_dir: Path, seed: int, *flags) -> None:
-    """One run of train.py; its failure is this program's, with train.py's last line."""
+    """One run of train.py, its output kept in OUT_DIR.log. A mistake train.py reports (exit status 2) is
+    this program's one-line error; anything else that fails is a bug, with train.py's traceback."""
     threads = ["--threads", "1"] if args.jobs > 1 else []
     command = [sys.executable, str(REPO / "train.py"), "--out_dir", str(out_dir), "--seed", str(seed), *threads,
                *shlex.split(args.train_args), *map(str, flags)]
     result = subprocess.run(command, capture_output=True, text=True)
     with open(out_dir.parent / f"{out_dir.name}.log", "w") as log:
         log.write(" ".join(command) + "\n" + result.stdout + result.stderr)
-    if result.returncode != 0:
+    if result.returncode == 2:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"train.py failed for {out_dir} (see {out_dir}.log): {last}")
+        raise UserError(f"train.py refused {out_dir} (see {out_dir}.log): {last}")
+    if result.returncode != 0:
+        raise RuntimeError(f"train.py failed for {out_dir} with exit status {result.returncode}:\n{result.stderr}")
 
 
 def base(args, seed: int) -> Path:
@@ -86,14 +88,21 @@ def finetune(args, seed: int, name: str, flags: list, modes: str = "base,vanilla
 
 
 def run_all(args, jobs: list[tuple]) -> list:
-    """Each (function, *arguments) of jobs, --jobs at a time; their results in order."""
+    """Each (function, *arguments) of jobs, --jobs at a time; their results in order. The first failure
+    cancels the jobs not yet started."""
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(fn, *fn_args) for fn, *fn_args in jobs]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
-def bases(args) -> list[Path]:
-    return run_all(args, [(base, args, seed) for seed in range(args.seeds)])
+def bases(args) -> dict:
+    """Every seed's base, pretrained where it is not there yet; returns the model's config (seed 0's)."""
+    run_all(args, [(base, args, seed) for seed in range(args.seeds)])
+    return load_checkpoint(str(Path(args.root) / "seed_0" / "base" / FILES["base"]), keys=("config",))["config"]
 
 
 def mean_std(values: list[float]) -> str:
@@ -112,7 +121,19 @@ def write_points(path: str | None, points: list[dict]):
         print(f"wrote {path}")
 
 
-def save_figure(fig, path: str):
+def figure(path: str, xs, xlabel: str, ylabel: str, title: str, draw):
+    """One plot, written to path as PNG: draw(ax) draws the lines, this the rest (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
+    draw(ax)
+    ax.set_xticks(list(xs))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     print(f"wrote {path}")

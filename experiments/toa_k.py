@@ -13,15 +13,15 @@ Prints ood_test (mean ± std over seeds, and the paired difference to k = 0) for
 """
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (add_arguments, bases, check_arguments, finetune, mean_std, paired, run_all, save_figure,  # noqa: E402
+from runs import (add_arguments, bases, check_arguments, figure, finetune, mean_std, paired, run_all,  # noqa: E402
                   write_points)
 
 from common import OneLineParser, run_cli  # noqa: E402
 
-N_LAYERS = 4  # the toy preset's depth
 LORA = ["--lora_rank", "16", "--lora_alpha", "32", "--finetune_lr", "2e-3"]  # README's LoRA recipe
 KINDS = {"LoRA": LORA, "full": []}
 SETS = ("ood_test", "knowledge", "ood_val")
@@ -31,12 +31,10 @@ def main(argv=None):
     p = OneLineParser(prog="experiments/toa_k.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, seeds=5)
-    p.add_argument("--n_layers", type=int, default=N_LAYERS, help="the model's depth: k runs 0..n_layers (default: "
-                   "4, the toy preset's; give the same --n_layers in --train_args when you change it)")
     args = p.parse_args(argv)
     check_arguments(args)
-    seeds, ks = range(args.seeds), range(args.n_layers + 1)
-    bases(args)
+    n_layers = bases(args)["n_layers"]
+    seeds, ks = range(args.seeds), range(n_layers + 1)
     jobs = [(finetune, args, s, f"toa{k}_{kind.lower()}", [*flags, "--ffn_layers", k], "taia,vanilla")
             for kind, flags in KINDS.items() for k in ks for s in seeds]
     results = run_all(args, jobs)
@@ -58,31 +56,22 @@ def main(argv=None):
             lead = paired(taia(kind, k), taia(kind, 0)) if k else "-"
             print(f"| {k} | {' | '.join(mean_std(taia(kind, k, name)) for name in SETS)} | {lead} |")
     if args.png:
-        figure(curves, ks, args.png)
+        draw_curves(curves, ks, args.png)
 
 
-def figure(curves: dict, ks, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import statistics
-    fig, ax = plt.subplots(figsize=(5.4, 3.8))
-    for kind, color in zip(KINDS, ("tab:blue", "tab:orange")):
-        for name, style in (("ood_test", "-"), ("knowledge", ":")):
-            values = [[100 * r["results"][name]["taia"] for r in curves[kind, k]] for k in ks]
-            mean = [statistics.mean(v) for v in values]
-            std = [statistics.pstdev(v) for v in values]
-            ax.plot(list(ks), mean, style, marker="o", color=color, label=f"{kind}, {name}")
-            if name == "ood_test":
-                ax.fill_between(list(ks), [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=color, alpha=0.15)
-    ax.set_xticks(list(ks))
-    ax.set_xlabel("k: blocks whose FFN is trained (then reverted)")
-    ax.set_ylabel("answer match %, inferred as TAIA")
-    ax.set_title("TOA-k: k = 0 is TOA, k = all is TAIA")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
+def draw_curves(curves: dict, ks, path: str):
+    def draw(ax):
+        for kind, color in zip(KINDS, ("tab:blue", "tab:orange")):
+            for name, style in (("ood_test", "-"), ("knowledge", ":")):
+                values = [[100 * r["results"][name]["taia"] for r in curves[kind, k]] for k in ks]
+                mean = [statistics.mean(v) for v in values]
+                std = [statistics.pstdev(v) for v in values]
+                ax.plot(list(ks), mean, style, marker="o", color=color, label=f"{kind}, {name}")
+                if name == "ood_test":
+                    ax.fill_between(list(ks), [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                    color=color, alpha=0.15)
+    figure(path, ks, "k: blocks whose FFN is trained (then reverted)", "answer match %, inferred as TAIA",
+           "TOA-k: k = 0 is TOA, k = all is TAIA", draw)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,19 @@ def largest_change(a: dict, b: dict, names=None) -> float:
 
 
 def test_l2_with_a_huge_weight_keeps_the_weights_at_their_start(base, tmp_path):
+    import train
+    lr = train.parse_args([]).finetune_lr
     start = weights(base / "base.pt")
     plain = finetuned(base, tmp_path, "plain")
     pulled = finetuned(base, tmp_path, "l2", "--l2_weight", "1e6")
     assert largest_change(plain, start) > 5e-3  # plain fine-tuning moves the weights...
-    # ...the pull holds every weight within about one step (lr 7e-4) of where it started
-    assert largest_change(pulled, start) < 7e-4
+    # ...the pull holds every weight within about one step of AdamW (lr) of where it started
+    assert largest_change(pulled, start) < lr
     assert largest_change(pulled, start) < largest_change(plain, start) / 10
+    # --resume compares the pull's settings: a finished fine-tune made with another weight is refused
+    again = run("train.py", "--out_dir", tmp_path / "l2", *TWO_LAYERS, "--stage", "finetune", "--finetune_steps", 20,
+                "--l2_weight", "1e5", "--resume")
+    assert again.returncode == 2 and "l2_weight 1000000.0 -> 100000.0" in again.stderr, again.stderr
 
 
 def test_ewc_with_zero_fisher_information_is_plain_fine_tuning(base, tmp_path):
@@ -125,6 +131,8 @@ def test_ffn_layers_trains_exactly_the_named_parameters(base, tmp_path):
     # TOA under LoRA: the attention projections only; the FFN of 0 blocks under full fine-tuning.
     toa = changed(start, finetuned(base, tmp_path, "toa", "--train_scope", "attn", "--lora_rank", "2", steps=2))
     assert toa == attention
+    tof = changed(start, finetuned(base, tmp_path, "tof", "--train_scope", "ffn", "--lora_rank", "2", steps=2))
+    assert tof == ffn_of
     none = changed(start, finetuned(base, tmp_path, "no_ffn", "--ffn_layers", "0", steps=2))
     assert none == set(start) - ffn_of
 
@@ -134,9 +142,9 @@ def test_judge_scores_every_example_in_order_with_its_prompt_loss(trained):
     model = run_.build("vanilla")
     examples = [json.loads(line) for line in (trained / "data" / "knowledge.jsonl").read_text().splitlines()[:5]]
     examples.insert(2, {"prompt": "a much longer prompt than the others, to sort it last", "response": "x"})
-    judged = judge(model, examples, run_.sp, run_.template, batch_size=2)  # several batches, sorted by length
+    judged = judge(model, examples, run_.sp, run_.template, batch_size=2, prompt_loss=True)  # sorted by length
     for i, example in enumerate(examples):
-        alone = judge(model, [example], run_.sp, run_.template)
+        alone = judge(model, [example], run_.sp, run_.template, prompt_loss=True)
         assert all(bool(alone[m][0]) == bool(judged[m][i]) for m in ("exact", "answer"))
         ids = [run_.sp.bos_id()] + run_.sp.encode(example["prompt"])
         with torch.no_grad():
@@ -145,23 +153,31 @@ def test_judge_scores_every_example_in_order_with_its_prompt_loss(trained):
         assert abs(float(judged["prompt_loss"][i]) - float(by_hand)) < 1e-4, i
 
 
-def test_loracl_answers_each_prompt_with_the_model_that_finds_it_more_familiar(trained):
+def test_loracl_answers_each_prompt_with_the_model_that_finds_it_more_familiar(trained, monkeypatch):
     # The selection itself: per example, the outcome of the lower prompt loss (a tie goes to the first).
     a = {"answer": torch.tensor([True, True, False]), "prompt_loss": torch.tensor([1.0, 3.0, 2.0])}
     b = {"answer": torch.tensor([False, False, True]), "prompt_loss": torch.tensor([2.0, 1.0, 2.0])}
     assert lowest_prompt_loss([a, b])["answer"].tolist() == [True, False, False]
-    # Through FinishedRun: loracl's counts are those of base or vanilla, chosen example by example.
+    # Through FinishedRun: loracl scores base and vanilla with their prompt losses and counts, example by example,
+    # the outcome of the one with the lower loss. Here base knows examples 0-1 and finds 0 and 2 familiar.
+    import infer
     run_ = FinishedRun(str(trained))
-    sets = {name: [json.loads(line) for line in (trained / "data" / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("ood_test", "knowledge")}
-    counts = run_.count_correct_per_mode(["loracl"], sets)
-    for name, examples in sets.items():
-        base, vanilla = (judge(run_.build(m), examples, run_.sp, run_.template) for m in ("base", "vanilla"))
-        use_base = base["prompt_loss"] <= vanilla["prompt_loss"]
-        expected = torch.where(use_base, base["answer"], vanilla["answer"])
-        assert counts["answer", name, "loracl"] == int(expected.sum())
-    infer = run("infer.py", "--out_dir", trained, "--modes", "loracl,vanilla", "--prompt", "the", "--max_new_tokens", 4)
-    assert infer.returncode == 0 and infer.stdout.count("loracl:") == 1, infer.stderr
+    outcomes = {"base": ([True, True, False, False], [0.5, 2.0, 0.5, 2.0]),
+                "vanilla": ([False, False, True, True], [1.0, 1.0, 1.0, 1.0])}
+
+    def scripted(model, examples, sp, template, prompt_loss=False):
+        right, loss = outcomes[model]
+        return {"exact": torch.tensor(right), "answer": torch.tensor(right), "prompt_loss": torch.tensor(loss)}
+
+    monkeypatch.setattr(infer, "judge", scripted)
+    monkeypatch.setattr(FinishedRun, "build", lambda self, mode, device="cpu": mode)
+    counts = run_.count_correct_per_mode(["loracl", "base", "vanilla"], {"set": [{}] * 4})
+    assert counts["answer", "set", "loracl"] == 2  # example 0 from base (right), 1 vanilla, 2 base, 3 vanilla (right)
+    assert counts["answer", "set", "base"] == counts["answer", "set", "vanilla"] == 2
+    assert run_.pick(["base", "vanilla"], "a prompt") == "base"  # prompt losses 0.5 and 1.0 (the first example)
+    monkeypatch.undo()
+    result = run("infer.py", "--out_dir", trained, "--modes", "loracl,vanilla", "--prompt", "the", "--max_new_tokens", 4)
+    assert result.returncode == 0 and result.stdout.count("loracl:") == 1, result.stderr
 
 
 def test_residual_ratio_is_zero_for_identical_tokens_and_one_without_a_shared_part():
@@ -177,16 +193,22 @@ EXPERIMENT = ["--seeds", "1", "--jobs", "2", "--train_args", " ".join(map(str, [
 
 def test_the_experiments_run_train_py_and_report_what_its_runs_wrote(tmp_path):
     root = tmp_path / "runs"
-    toa = run("experiments/toa_k.py", "--root", root, *EXPERIMENT, "--n_layers", "1", "--json", tmp_path / "toa.json")
+    try:  # an optional extra: without it the experiments print their tables only
+        import matplotlib  # noqa: F401
+        png = ["--png", tmp_path / "toa.png"]
+    except ImportError:
+        png = []
+    toa = run("experiments/toa_k.py", "--root", root, *EXPERIMENT, "--json", tmp_path / "toa.json", *png)
     assert toa.returncode == 0, toa.stderr
+    assert not png or (tmp_path / "toa.png").read_bytes().startswith(b"\x89PNG")
     points = json.loads((tmp_path / "toa.json").read_text())["points"]
     written = json.loads((root / "seed_0" / "toa1_lora" / "results.json").read_text())["results"]
     assert {(p["setting"], p["mode"], p["set"]) for p in points} >= {("LoRA ffn_layers 1", "taia", "ood_test")}
     assert all(p["answer_match"] == 100 * written[p["set"]][p["mode"]] for p in points
                if p["setting"] == "LoRA ffn_layers 1")
-    baselines = run("experiments/baselines.py", "--root", root, *EXPERIMENT, "--weights", "1")
+    baselines = run("experiments/baselines.py", "--root", root, *EXPERIMENT, "--weights", "1", "--lrs", "1e-3")
     assert baselines.returncode == 0, baselines.stderr
-    assert "| L2 (1) |" in baselines.stdout and "| LoRACL |" in baselines.stdout
+    assert "| L2 | L2 1 (chosen) |" in baselines.stdout and "| LoRACL | lr " in baselines.stdout
     assert (root / "seed_0" / "ewc_1" / "finetuned.pt").exists()
     representations = run("experiments/representations.py", "--root", root, *EXPERIMENT)
     assert representations.returncode == 0, representations.stderr
