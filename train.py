@@ -65,7 +65,7 @@ def parse_args(argv=None):
            '"### Instruction:\\n{prompt}\\n\\n### Response:\\n" (default: the prompt verbatim)')
     a("--modes", default="base,vanilla,taia,taif",
       help="modes to evaluate (infer.py lists them; e.g. add only-attention,only-embedding for the provenance "
-           "ablation, or auto for the point between base and tuned that scores best on --dev)")
+           "ablation, auto for the point between base and tuned that scores best on --dev, or loracl)")
     a("--dev", metavar="FILE.jsonl", help="mode auto: the set it picks its point on (default: the toy world's "
                                           "ood_val); never the test set")
     a("--auto_per_layer", action="store_true", help="mode auto: also tune each layer's FFN weight on --dev")

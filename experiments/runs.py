@@ -39,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser, seeds: int):
 def check_arguments(args):
     if args.seeds < 1 or args.jobs < 1:
         raise UserError("--seeds and --jobs must be at least 1")
+    try:
+        args.train_flags = shlex.split(args.train_args)
+    except ValueError as e:
+        raise UserError(f"--train_args {args.train_args!r}: {e}") from None
+    if {"--seed", "--out_dir", "--seeds"} & set(args.train_flags):
+        raise UserError("--train_args: every run's --seed and --out_dir are the experiment's own")
     if args.png:
         try:
             import matplotlib  # noqa: F401
@@ -52,9 +58,9 @@ def train(args, out_dir: Path, seed: int, *flags) -> None:
     this program's one-line error; anything else that fails is a bug, with train.py's traceback."""
     threads = ["--threads", "1"] if args.jobs > 1 else []
     command = [sys.executable, str(REPO / "train.py"), "--out_dir", str(out_dir), "--seed", str(seed), *threads,
-               *shlex.split(args.train_args), *map(str, flags)]
+               *args.train_flags, *map(str, flags)]
     result = subprocess.run(command, capture_output=True, text=True)
-    with open(out_dir.parent / f"{out_dir.name}.log", "w") as log:
+    with open(out_dir.parent / f"{out_dir.name}.log", "a") as log:  # every run of it, in order
         log.write(" ".join(command) + "\n" + result.stdout + result.stderr)
     if result.returncode == 2:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
