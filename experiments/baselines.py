@@ -13,21 +13,20 @@ Every method's setting is the one with the best mean answer match on ood_val ove
 test set). Prints the sweeps, then every method on ood_test, knowledge and ft_only_facts (mean ± std over
 seeds) with TAIA's paired lead over each: once at the default learning rate, once each at its own choice.
 """
-import argparse
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import add_arguments, bases, check_arguments, finetune, mean_std, paired, run_all, write_points  # noqa: E402
+from runs import bases, finetune, mean_std, paired, parse_arguments, run_all, write_points  # noqa: E402
 
-from common import OneLineParser, UserError, run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 
 # Each method's own sweep, each value a fine-tune of every seed: the fine-tuning learning rate (beside the
 # plain run at train.py's default) for vanilla, TAIA and LoRACL, which differ only in inference; the penalty's
 # weight (at the default learning rate) for L2 and EWC.
-SWEEPS = {"lr": ("--finetune_lr", (3e-4, 5e-4, 1e-3)), "L2": ("--l2_weight", (0.01, 0.1, 1.0, 10.0)),
-          "EWC": ("--ewc_weight", (0.01, 0.1, 1.0, 10.0))}
+LRS, WEIGHTS = (3e-4, 5e-4, 1e-3), (0.01, 0.1, 1.0, 10.0)  # the defaults of --lrs and --weights
+SWEEPS = {"lr": "--finetune_lr", "L2": "--l2_weight", "EWC": "--ewc_weight"}  # each sweep's train.py flag
 METHODS = {"vanilla": ("lr", "vanilla"), "TAIA": ("lr", "taia"), "LoRACL": ("lr", "loracl"),
            "L2": ("L2", "vanilla"), "EWC": ("EWC", "vanilla")}  # method: (its sweep, the mode it answers in)
 SETS = ("ood_test", "knowledge", "ft_only_facts")
@@ -48,22 +47,18 @@ def answer(result: dict, name: str, mode: str) -> float:
 
 
 def main(argv=None):
-    p = OneLineParser(prog="experiments/baselines.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, seeds=5)
-    p.add_argument("--lrs", default=",".join(f"{v:g}" for v in SWEEPS["lr"][1]),
-                   help="fine-tuning learning rates tried beside train.py's default (default: %(default)s)")
-    p.add_argument("--weights", default=",".join(f"{v:g}" for v in SWEEPS["L2"][1]),
-                   help="the sweep of --l2_weight and --ewc_weight, comma-separated (default: %(default)s)")
-    args = p.parse_args(argv)
-    check_arguments(args)
-    values = {"lr": parse_values("--lrs", args.lrs), "L2": parse_values("--weights", args.weights),
-              "EWC": parse_values("--weights", args.weights)}
+    args = parse_arguments("experiments/baselines.py", __doc__, argv, more=[
+        ("--lrs", {"default": ",".join(f"{v:g}" for v in LRS),
+                   "help": "fine-tuning learning rates tried beside train.py's default (default: %(default)s)"}),
+        ("--weights", {"default": ",".join(f"{v:g}" for v in WEIGHTS),
+                       "help": "the sweep of --l2_weight and --ewc_weight, comma-separated (default: %(default)s)"})])
+    weights = parse_values("--weights", args.weights)
+    values = {"lr": parse_values("--lrs", args.lrs), "L2": weights, "EWC": weights}
     seeds = range(args.seeds)
     bases(args)
     # (sweep, value or None for the plain run, folder, flags), each for every seed
     settings = [("lr", None, "vanilla", [])] + [
-        (kind, v, f"{kind.lower()}_{v:g}", [SWEEPS[kind][0], v]) for kind in SWEEPS for v in values[kind]]
+        (kind, v, f"{kind.lower()}_{v:g}", [SWEEPS[kind], v]) for kind in SWEEPS for v in values[kind]]
     results = iter(run_all(args, [(finetune, args, s, folder, flags) for _, _, folder, flags in settings
                                   for s in seeds]))
     runs = {(kind, v): [next(results) for _ in seeds] for kind, v, _, _ in settings}

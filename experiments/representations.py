@@ -13,7 +13,6 @@ The models: a plain full fine-tune (evaluated as base, vanilla and TAIA) and a f
 only (`train.py --train_scope attn`, TOA), both from each seed's base (pretrained once, shared with the
 other experiments in --root); train.py makes them, infer.FinishedRun builds the modes from their files.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -21,10 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (add_arguments, bases, check_arguments, figure, finetune, mean_std, paired, run_all,  # noqa: E402
-                  write_points)
+from runs import (bases, figure, finetune, mean_std, paired, run_all,  # noqa: E402
+                  parse_arguments, write_points)
 
-from common import OneLineParser, UserError, run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 from data.text import encode_example, read_examples  # noqa: E402
 from infer import FinishedRun  # noqa: E402
 
@@ -62,11 +61,7 @@ def residual_ratios(model, prompts: list[dict], sp, template: str) -> list[float
 
 
 def main(argv=None):
-    p = OneLineParser(prog="experiments/representations.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, seeds=5)
-    args = p.parse_args(argv)
-    check_arguments(args)
+    args = parse_arguments("experiments/representations.py", __doc__, argv)
     seeds = range(args.seeds)
     bases(args)
     run_all(args, [(finetune, args, s, name, flags) for s in seeds

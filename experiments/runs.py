@@ -19,12 +19,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import FILES, UserError, atomic_write, load_checkpoint, write_json  # noqa: E402
+from common import FILES, OneLineParser, UserError, atomic_write, load_checkpoint, write_json  # noqa: E402
 
 BASE_FILES = ("data", FILES["base"], FILES["tokenizer"])  # what a fine-tune copies from its seed's base
 
 
-def add_arguments(p: argparse.ArgumentParser, seeds: int):
+def parse_arguments(prog: str, doc: str, argv=None, more=()) -> argparse.Namespace:
+    """The flags every experiment takes, and `more` ((flag, add_argument's keywords) of its own), checked."""
+    p = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    for flag, options in more:
+        p.add_argument(flag, **options)
+    args = p.parse_args(argv)
+    check_arguments(args)
+    return args
+
+
+def add_arguments(p: argparse.ArgumentParser, seeds: int = 5):
     p.add_argument("--root", default="out/experiments", help="where the runs go; every experiment shares its "
                    "bases (default: out/experiments)")
     p.add_argument("--seeds", type=int, default=seeds, help=f"seeds 0..N-1 (default: {seeds})")

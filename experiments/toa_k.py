@@ -11,16 +11,15 @@ with `train.py --ffn_layers k` for every k, each evaluated as TAIA (the FFN put 
 The question: does training FFN updates that inference throws away still help, more the more of them?
 Prints ood_test (mean ± std over seeds, and the paired difference to k = 0) for each k; --png draws it.
 """
-import argparse
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (add_arguments, bases, check_arguments, figure, finetune, mean_std, paired, run_all,  # noqa: E402
-                  write_points)
+from runs import (bases, figure, finetune, mean_std, paired, run_all,  # noqa: E402
+                  parse_arguments, write_points)
 
-from common import OneLineParser, run_cli  # noqa: E402
+from common import run_cli  # noqa: E402
 
 LORA = ["--lora_rank", "16", "--lora_alpha", "32", "--finetune_lr", "2e-3"]  # README's LoRA recipe
 KINDS = {"LoRA": LORA, "full": []}
@@ -28,11 +27,7 @@ SETS = ("ood_test", "knowledge", "ood_val")
 
 
 def main(argv=None):
-    p = OneLineParser(prog="experiments/toa_k.py", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, seeds=5)
-    args = p.parse_args(argv)
-    check_arguments(args)
+    args = parse_arguments("experiments/toa_k.py", __doc__, argv)
     n_layers = bases(args)["n_layers"]
     seeds, ks = range(args.seeds), range(n_layers + 1)
     jobs = [(finetune, args, s, f"toa{k}_{kind.lower()}", [*flags, "--ffn_layers", k], "taia,vanilla")
