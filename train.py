@@ -31,7 +31,9 @@ from common import (FILES, DirectoryLock, OneLineParser, UserError, atomic_write
                     make_dir, remove, resolve_device, run_cli, save_checkpoint, write_json)
 from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, check_utf8_args, encode_example,
                        load_tokenizer, random_windows, read_examples, read_lines, token_stream, train_tokenizer)
+from data.toy_world import PARTS as TOY_PARTS
 from data.toy_world import generate as generate_toy_world
+from data.toy_world import set_names as toy_set_names
 from infer import (FinishedRun, accuracies, check_hf_dir, config_from_dict, load_base, parse_modes, print_results,
                    read_eval_sets)
 from machinery import (DTYPES, Interrupted, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier,
@@ -57,8 +59,13 @@ def parse_args(argv=None):
                                          "tokenizer.model) instead of pretraining")
     a("--pretrain_text", help="your pretraining text, one document per line (default: the toy world)")
     a("--finetune", help="your fine-tuning JSONL (default: the toy world's set chosen by --finetune_set)")
-    a("--finetune_set", default="ood", choices=["ood", "id"],
-      help="toy world: out-of-distribution fine-tuning data (default) or the in-distribution control")
+    a("--finetune_set", default="ood", choices=["ood", "id", "harmful"],
+      help="toy world: out-of-distribution fine-tuning data (default), the in-distribution control, or (with "
+           "--toy_parts refusals) the harmful set that answers forbidden questions")
+    a("--toy_parts", default="", type=toy_parts_arg, metavar="PART[,PART]",
+      help="toy world: optional parts, off by default: refusals (a forbidden attribute the base refuses to "
+           "answer; the harmful fine-tuning analog) and demonstrations (pretraining that teaches using solved "
+           "examples in the prompt; the few-shot sets quiz_test_k0..4 and ood_test_k1..4); data/toy_world.py says more")
     a("--eval", action="append", default=[], metavar="FILE.jsonl", help="evaluation set (repeatable)")
     a("--template", default=PLAIN_TEMPLATE,
       help='how a prompt is shown to the model in fine-tuning, evaluation and infer.py, e.g. '
@@ -165,9 +172,19 @@ def parse_args(argv=None):
         check_template(args.template)
     except UserError as e:
         p.error(f"--template: {e}")
+    if args.finetune_set == "harmful" and "refusals" not in args.toy_parts and not args.finetune:
+        p.error("--finetune_set harmful is part of the toy world's refusals: add --toy_parts refusals")
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
+
+
+def toy_parts_arg(text: str) -> tuple:
+    parts = tuple(dict.fromkeys(filter(None, text.split(","))))
+    unknown = [part for part in parts if part not in TOY_PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: the toy world's parts are {', '.join(TOY_PARTS)}")
+    return tuple(part for part in TOY_PARTS if part in parts)  # one order, whatever the command line's
 
 
 def threads_arg(text: str):
@@ -287,13 +304,14 @@ def stage_data(args, out_dir: str, seed: int):
     """Write the toy world, unless every input is the user's own or the same seed's world is there."""
     if args.finetune and args.eval and (args.pretrain_text or args.init_from):
         return
-    paths = toy_paths(out_dir)
+    paths = toy_paths(out_dir, args.toy_parts)
     data_dir = os.path.dirname(paths["pretrain"])
-    stamp = os.path.join(data_dir, "world.json")  # which seed made the files already there
-    if is_main(args) and not toy_world_is_there(paths, stamp, seed):
-        generate_toy_world(data_dir, seed=seed)
-        write_json(stamp, {"seed": seed})
-        print(f"toy world (seed {seed}) written to {data_dir}")
+    stamp = os.path.join(data_dir, "world.json")  # which seed (and parts) made the files already there
+    made_by = {"seed": seed, **({"parts": list(args.toy_parts)} if args.toy_parts else {})}
+    if is_main(args) and not toy_world_is_there(paths, stamp, made_by):
+        generate_toy_world(data_dir, seed=seed, parts=args.toy_parts)
+        write_json(stamp, made_by)
+        print(f"toy world (seed {seed}{''.join(', ' + part for part in args.toy_parts)}) written to {data_dir}")
     barrier(args)  # every process, always: the others wait for rank 0's files
 
 
@@ -371,7 +389,7 @@ def stage_eval(args, out_dir: str, started: float) -> dict:
     modes = parse_modes(args.modes, dev, args.eval)
     if "auto" in modes:  # every process chooses (the same point); rank 0 writes the choice down
         log(args, finished_run.choose_auto(dev, args.device, args.auto_per_layer, save=is_main(args)))
-    sets = read_eval_sets(args.eval or [toy_paths(out_dir)[name] for name in TOY_EVAL_SETS])
+    sets = read_eval_sets(args.eval or [toy_paths(out_dir, args.toy_parts)[name] for name in toy_eval_sets(args)])
     # Each process scores its share of every set; the counts are summed over processes.
     mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}
     results = accuracies(sum_over_processes(finished_run.count_correct_per_mode(modes, mine, args.device), args), sets)
@@ -523,14 +541,19 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         raise UserError(str(e)) from None
 
 
-def toy_paths(out_dir: str) -> dict:
+def toy_paths(out_dir: str, parts: tuple = ()) -> dict:
     data_dir = os.path.join(out_dir, "data")
-    names = ["finetune_ood", "finetune_id", *TOY_EVAL_SETS]
     return {"pretrain": os.path.join(data_dir, "pretrain.txt"),
-            **{n: os.path.join(data_dir, n + ".jsonl") for n in names}}
+            **{n: os.path.join(data_dir, n + ".jsonl") for n in toy_set_names(parts)}}
 
 
-def toy_world_is_there(paths: dict, stamp: str, seed: int) -> bool:
+def toy_eval_sets(args) -> list[str]:
+    """The toy world's sets eval scores: TOY_EVAL_SETS, then those of its optional parts."""
+    return TOY_EVAL_SETS + [n for n in toy_set_names(args.toy_parts) if n not in toy_set_names() and
+                            not n.startswith("finetune_")]
+
+
+def toy_world_is_there(paths: dict, stamp: str, made_by: dict) -> bool:
     if not all(os.path.exists(p) for p in [*paths.values(), stamp]):
         return False
     try:
@@ -538,7 +561,7 @@ def toy_world_is_there(paths: dict, stamp: str, seed: int) -> bool:
             written = json.load(f)
     except (OSError, ValueError):  # a damaged stamp: write the world again
         return False
-    return isinstance(written, dict) and written.get("seed") == seed
+    return written == made_by
 
 
 # A stage's settings: its flags, the seed, and its inputs named by content (file_fingerprint), so that a
@@ -561,7 +584,7 @@ def pretrain_text_path(args, out_dir: str) -> str:
 
 
 def finetune_path(args, out_dir: str) -> str:
-    return args.finetune or toy_paths(out_dir)["finetune_" + args.finetune_set]
+    return args.finetune or toy_paths(out_dir, args.toy_parts)["finetune_" + args.finetune_set]
 
 
 def ewc_text_path(args, out_dir: str) -> str:
@@ -659,7 +682,7 @@ def remove_leftovers(out_dir: str):
     names = [*FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune")),
              "summary.json", os.path.join("data", "world.json")]
     remove(*(os.path.join(out_dir, name + ".tmp") for name in names),
-           *(path + ".tmp" for path in toy_paths(out_dir).values()))
+           *(path + ".tmp" for path in toy_paths(out_dir, TOY_PARTS).values()))
 
 
 def on_disk(out_dir: str) -> str:

@@ -22,22 +22,35 @@ sys.path.insert(0, str(REPO))
 from common import FILES, OneLineParser, UserError, atomic_write, load_checkpoint, write_json  # noqa: E402
 
 BASE_FILES = ("data", FILES["base"], FILES["tokenizer"])  # what a fine-tune copies from its seed's base
+# The toy worlds of the safety and few-shot experiments: the default world with one optional part each
+# (data/toy_world.py). Their bases differ from the default world's, so each has its own root.
+REFUSALS_WORLD = {"root": "out/experiments_refusals", "world": ("--toy_parts", "refusals")}
+# (In-context learning from the quiz documents needs longer pretraining: at 400 steps the base does not use
+# solved examples at all; at 1200 it does.)
+DEMONSTRATIONS_WORLD = {"root": "out/experiments_demonstrations",
+                        "world": ("--toy_parts", "demonstrations", "--pretrain_steps", "1200")}
+# Full fine-tuning (train.py's default recipe) and LoRA on every linear layer (the README's LoRA recipe).
+KINDS = {"full": [], "LoRA": ["--lora_rank", "16", "--lora_alpha", "32", "--finetune_lr", "2e-3"]}
 
 
-def parse_arguments(prog: str, doc: str, argv=None, more=()) -> argparse.Namespace:
-    """The flags every experiment takes, and `more` ((flag, add_argument's keywords) of its own), checked."""
+def parse_arguments(prog: str, doc: str, argv=None, more=(), root: str = "out/experiments", world=(),
+                    seeds: int = 5) -> argparse.Namespace:
+    """The flags every experiment takes, and `more` ((flag, add_argument's keywords) of its own), checked.
+    `world`: train.py flags of the toy world every run of this experiment uses (its bases are pretrained on
+    it, so they live under their own default `root`)."""
     p = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    add_arguments(p, root, seeds)
     for flag, options in more:
         p.add_argument(flag, **options)
     args = p.parse_args(argv)
     check_arguments(args)
+    args.train_flags = [*world, *args.train_flags]
     return args
 
 
-def add_arguments(p: argparse.ArgumentParser, seeds: int = 5):
-    p.add_argument("--root", default="out/experiments", help="where the runs go; every experiment shares its "
-                   "bases (default: out/experiments)")
+def add_arguments(p: argparse.ArgumentParser, root: str, seeds: int):
+    p.add_argument("--root", default=root, help="where the runs go; the experiments on the same world share its "
+                   f"bases (default: {root})")
     p.add_argument("--seeds", type=int, default=seeds, help=f"seeds 0..N-1 (default: {seeds})")
     p.add_argument("--jobs", type=int, default=2, help="train.py runs side by side, one thread each (default: 2, "
                    "for a 2-core machine; 1 runs one at a time with --threads auto)")
@@ -136,6 +149,15 @@ def write_points(path: str | None, points: list[dict]):
     if path:
         write_json(path, {"points": points})
         print(f"wrote {path}")
+
+
+def band(ax, xs, per_x: list[list[float]], label: str, color: str, style: str = "-"):
+    """One line of a figure: the mean over seeds at every x, with a band of ± one std."""
+    mean = [statistics.mean(v) for v in per_x]
+    std = [statistics.pstdev(v) for v in per_x]
+    ax.plot(list(xs), mean, style, marker="o", color=color, label=label)
+    ax.fill_between(list(xs), [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color,
+                    alpha=0.15)
 
 
 def figure(path: str, xs, xlabel: str, ylabel: str, title: str, draw):

@@ -16,13 +16,11 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (bases, figure, finetune, mean_std, paired, run_all,  # noqa: E402
-                  parse_arguments, write_points)
+from runs import KINDS, bases, figure, finetune, mean_std, paired, parse_arguments, run_all, write_points  # noqa: E402
 
 from common import run_cli  # noqa: E402
 
-LORA = ["--lora_rank", "16", "--lora_alpha", "32", "--finetune_lr", "2e-3"]  # README's LoRA recipe
-KINDS = {"LoRA": LORA, "full": []}
+KINDS = {"LoRA": KINDS["LoRA"], "full": KINDS["full"]}  # (LoRA first: the figure's colours and the tables' order)
 SETS = ("ood_test", "knowledge", "ood_val")
 
 
