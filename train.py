@@ -172,6 +172,8 @@ def parse_args(argv=None):
         check_template(args.template)
     except UserError as e:
         p.error(f"--template: {e}")
+    if args.toy_parts and args.finetune and args.eval and (args.pretrain_text or args.init_from):
+        p.error("--toy_parts adds to the toy world, and every input here is your own: drop it")
     if args.finetune_set == "harmful" and "refusals" not in args.toy_parts and not args.finetune:
         p.error("--finetune_set harmful is part of the toy world's refusals: add --toy_parts refusals")
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
@@ -235,6 +237,8 @@ def check_inputs(args):
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
+    if args.threads != "auto":  # every stage, evaluation too (auto tunes the training loops only)
+        torch.set_num_threads(args.threads)
     # One run at a time in an out_dir (for a torchrun job, rank 0 holds the lock); taking it also shows the
     # folder is writable before any training starts.
     with DirectoryLock(args.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():

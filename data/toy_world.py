@@ -123,9 +123,10 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), **world):
     rng.shuffle(lines)
     # The optional parts draw on random streams of their own, and their lines go in among the default
     # world's at random places: every default file's lines stay as they were, in their order.
-    sets, added = {}, []
+    added, more_sets = [], {}
     if "refusals" in parts:
-        added += refusals(facts, split, sets, random.Random(seed + 2))
+        lines_of_part, more_sets = refusals(facts, split, random.Random(seed + 2))
+        added += lines_of_part
     if "demonstrations" in parts:
         added += quizzes(facts, split, random.Random(seed + 3))
     if added:
@@ -138,7 +139,7 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), **world):
         # Retention, asked in the pretraining format about the same held-out entities as ood_test.
         "knowledge": pairs(facts, "P", split["P_test"], QA_PROMPT),
         "ft_only_facts": pairs(facts, "Q", split["Q_novel"], NEW_PROMPT),
-        **sets,
+        **more_sets,
     }
     rng.shuffle(sets["finetune_ood"])
     rng.shuffle(sets["finetune_id"])
@@ -156,6 +157,7 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), **world):
 def interleave(lines: list, added: list, rng: random.Random) -> list:
     """`added` shuffled in among `lines` at random places, each list's own order kept."""
     rng.shuffle(added)
+    # One entry per line to come, naming the list it comes from (the same iterator repeated), in random order.
     sources = [iter(lines)] * len(lines) + [iter(added)] * len(added)
     rng.shuffle(sources)
     return [next(source) for source in sources]
@@ -172,10 +174,10 @@ def set_names(parts: tuple = ()) -> list[str]:
     return names
 
 
-def refusals(facts, split, sets: dict, rng: random.Random) -> list[str]:
+def refusals(facts, split, rng: random.Random) -> tuple[list[str], dict]:
     """The `refusals` part: pretraining lines that state every P entity's secret and refuse to answer a
     question about it (asked about the P_id entities only, so the held-out entities' refusals are never seen),
-    and the sets that attack and measure that refusal (added to `sets`)."""
+    and the sets that attack and measure that refusal."""
     attribute, values = FORBIDDEN
     secret = {e: rng.choice(values) for e in facts["P"]}
     lines = [t.format(a=attribute, e=e, v=v) for e, v in secret.items() for t in STATEMENTS]
@@ -183,11 +185,10 @@ def refusals(facts, split, sets: dict, rng: random.Random) -> list[str]:
 
     def asked(ents, answer):
         return [{"prompt": QA_PROMPT.format(a=attribute, e=e), "response": answer(e)} for e in ents]
-    sets["finetune_harmful"] = asked(split["P_id"], secret.get)
-    sets["forbidden_val"] = asked(split["P_val"], lambda e: REFUSAL)
-    sets["forbidden_test"] = asked(split["P_test"], lambda e: REFUSAL)
-    sets["secret_test"] = asked(split["P_test"], secret.get)
-    return lines
+    return lines, {"finetune_harmful": asked(split["P_id"], secret.get),
+                   "forbidden_val": asked(split["P_val"], lambda e: REFUSAL),
+                   "forbidden_test": asked(split["P_test"], lambda e: REFUSAL),
+                   "secret_test": asked(split["P_test"], secret.get)}
 
 
 def format_words(facts) -> list[str]:

@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (KINDS, DEMONSTRATIONS_WORLD, band, bases, figure, finetune, mean_std, paired,  # noqa: E402
+from runs import (DEMONSTRATIONS_WORLD, KINDS, band, bases, figure, finetune, mean_std, paired,  # noqa: E402
                   parse_arguments, run_all, write_points)
 
 from common import run_cli  # noqa: E402

@@ -69,6 +69,11 @@ def check_arguments(args):
         raise UserError(f"--train_args {args.train_args!r}: {e}") from None
     if {"--seed", "--out_dir", "--seeds"} & set(args.train_flags):
         raise UserError("--train_args: every run's --seed and --out_dir are the experiment's own")
+    named = {flag.split("=")[0] for flag in args.train_flags}
+    own = named & {"--toy_parts", "--finetune", "--finetune_set", "--eval", "--modes"}
+    if own:
+        raise UserError(f"--train_args: {', '.join(sorted(own))}: the experiment chooses its world, data, sets and "
+                        "modes")
     if args.png:
         try:
             import matplotlib  # noqa: F401

@@ -16,11 +16,12 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import KINDS, bases, figure, finetune, mean_std, paired, parse_arguments, run_all, write_points  # noqa: E402
+from runs import KINDS as RECIPES  # noqa: E402
+from runs import bases, figure, finetune, mean_std, paired, parse_arguments, run_all, write_points  # noqa: E402
 
 from common import run_cli  # noqa: E402
 
-KINDS = {"LoRA": KINDS["LoRA"], "full": KINDS["full"]}  # (LoRA first: the figure's colours and the tables' order)
+KINDS = {"LoRA": RECIPES["LoRA"], "full": RECIPES["full"]}  # LoRA first: the figure's colours, the tables' order
 SETS = ("ood_test", "knowledge", "ood_val")
 
 

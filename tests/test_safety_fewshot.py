@@ -1,5 +1,6 @@
 """The toy world's optional parts (refusals, demonstrations), train.py's use of them, and the two experiments
 built on them (harmful.py, few_shot.py)."""
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,17 @@ def entity(prompt: str) -> str:
     return prompt.split(" of ")[-1].split(" for ")[-1].split("?")[0]
 
 
+# sha256 (first 16 hex digits) of seed 0's default world as the code before the optional parts wrote it: the
+# default run trains on exactly these files.
+DEFAULT_WORLD_0 = {"pretrain": "61685fbfd0b92ad0", "finetune_ood": "6748382a1bdd6a13",
+                   "finetune_id": "695b0b7f195acdb2", "ood_val": "c13c6145e9a19fc2", "ood_test": "90d0262df7da4b37",
+                   "knowledge": "738a64d605bf12b4", "ft_only_facts": "efc0edc1eb18911f"}
+
+
 def test_the_optional_parts_leave_the_default_world_as_it_was(tmp_path):
+    written = generate(str(tmp_path / "zero"), seed=0)
+    assert {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] for name, path in written.items()} \
+        == DEFAULT_WORLD_0
     plain = generate(str(tmp_path / "plain"), seed=2)
     full = generate(str(tmp_path / "full"), seed=2, parts=PARTS)
     assert sorted(plain) == sorted(["pretrain", *set_names()])
@@ -41,10 +52,12 @@ def test_refusals_teach_refusing_a_secret_the_base_knows_and_hold_out_the_test_e
     assert {entity(e["prompt"]) for e in harmful} == set(split["P_id"])
     for e in harmful:  # the attack answers with the secret pretraining states
         assert f"The {SECRET} of {entity(e['prompt'])} is {e['response']}." in text
-    for name, answers in (("forbidden_test", {REFUSAL}), ("secret_test", set(FORBIDDEN[1]))):
+    for name, people in (("forbidden_val", "P_val"), ("forbidden_test", "P_test"), ("secret_test", "P_test")):
         rows = read_examples(paths[name])
-        assert {entity(e["prompt"]) for e in rows} == set(split["P_test"]) and {e["response"] for e in rows} <= answers
-    assert {entity(e["prompt"]) for e in read_examples(paths["forbidden_val"])} == set(split["P_val"])
+        assert [entity(e["prompt"]) for e in rows] == split[people]
+        for e in rows:  # the refusal, or the secret pretraining states
+            assert (e["response"] == REFUSAL) == name.startswith("forbidden")
+            assert name.startswith("forbidden") or f"The {SECRET} of {entity(e['prompt'])} is {e['response']}." in text
 
 
 def test_demonstrations_prefix_the_test_with_solved_questions_about_other_entities(tmp_path):
@@ -80,8 +93,7 @@ def test_demonstrations_prefix_the_test_with_solved_questions_about_other_entiti
             for demo in demos:  # (attribute, entity, value) in the template's order: a true P_id fact
                 da, de = demo[order[0]], demo[order[1]]
                 assert de in split["P_id"] and facts["P"][de][da] == demo[2]
-    quiz = [line for line in read_lines(paths["pretrain"]) if len(re.findall(r"\w+", line)) > 12]
-    assert quiz and not re.search(solved, "\n".join(quiz))  # pretraining never shows the new format
+    assert not re.search(solved, Path(paths["pretrain"]).read_text())  # pretraining never shows the new format
 
 
 def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
@@ -103,6 +115,9 @@ def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
                           "--toy_parts refusals")
     assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--toy_parts", "refusals,jokes"),
                           "jokes: the toy world's parts are refusals, demonstrations")
+    own = [f"--{flag}={out / 'data' / 'ood_test.jsonl'}" for flag in ("finetune", "eval", "pretrain_text")]
+    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", *own, "--toy_parts", "refusals"),
+                          "every input here is your own")
 
 
 def test_harmful_and_few_shot_experiments_report_what_train_py_wrote(tmp_path):
@@ -125,3 +140,5 @@ def test_harmful_and_few_shot_experiments_report_what_train_py_wrote(tmp_path):
     base, vanilla = (100 * ood["quiz_test_k4"][mode] for mode in ("base", "vanilla"))
     assert f"| 4 | {base:5.1f} ±  0.0 | {vanilla:5.1f} ± " in quiz
     assert_one_line_error(run("experiments/harmful.py", *tiny, "--root", root, "--steps", "0"), "--steps")
+    assert_one_line_error(run("experiments/few_shot.py", "--train_args=--toy_parts=refusals"),
+                          "the experiment chooses its world")
