@@ -26,8 +26,8 @@ for the paper's safety and few-shot findings (its Table 4 and few-shot figure):
   refusal rate, attack success = 100 - it); `secret_test` has the true values (how much the attack leaks).
 - `demonstrations`: pretraining gains "quiz" documents, each a run of solved questions whose format and task
   (answer with the value, or echo the entity or the attribute) change from document to document, so that
-  only the solved questions say what is asked: the base learns to use the examples in its context (given
-  enough pretraining: 1200 steps, not 400). The few-shot test asks ood_test's questions after k = 0 .. 4
+  only the solved questions say what is asked: the base learns to use the examples in its context (with
+  enough pretraining: see experiments/few_shot.py). The few-shot test asks ood_test's questions after k = 0 .. 4
   solved questions about P_id entities (facts the base knows): `quiz_test_k0` ... `quiz_test_k4` each in a
   quiz format of its own, `ood_test_k1` ... `ood_test_k4` in the new format.
 """

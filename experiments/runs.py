@@ -25,8 +25,8 @@ BASE_FILES = ("data", FILES["base"], FILES["tokenizer"])  # what a fine-tune cop
 # The toy worlds of the safety and few-shot experiments: the default world with one optional part each
 # (data/toy_world.py). Their bases differ from the default world's, so each has its own root.
 REFUSALS_WORLD = {"root": "out/experiments_refusals", "world": ("--toy_parts", "refusals")}
-# (In-context learning from the quiz documents needs longer pretraining: at 400 steps the base does not use
-# solved examples at all; at 1200 it does.)
+# (The world with quiz documents needs longer pretraining: at 400 steps its base knows half the ordinary facts
+# and gains less from solved examples; at 1200 it knows them all and gains twice as much.)
 DEMONSTRATIONS_WORLD = {"root": "out/experiments_demonstrations",
                         "world": ("--toy_parts", "demonstrations", "--pretrain_steps", "1200")}
 # Full fine-tuning (train.py's default recipe) and LoRA on every linear layer (the README's LoRA recipe).
