@@ -74,6 +74,10 @@ def check_arguments(args):
     if own:
         raise UserError(f"--train_args: {', '.join(sorted(own))}: the experiment chooses its world, data, sets and "
                         "modes")
+    try:  # made now, so that a root that cannot be is one line before anything runs
+        Path(args.root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--root {args.root}: cannot make the folder ({e.strerror or e})") from None
     if args.png:
         try:
             import matplotlib  # noqa: F401

@@ -142,3 +142,5 @@ def test_harmful_and_few_shot_experiments_report_what_train_py_wrote(tmp_path):
     assert_one_line_error(run("experiments/harmful.py", *tiny, "--root", root, "--steps", "0"), "--steps")
     assert_one_line_error(run("experiments/few_shot.py", "--train_args=--toy_parts=refusals"),
                           "the experiment chooses its world")
+    not_a_folder = tmp_path / "h.json" / "runs"  # under a file
+    assert_one_line_error(run("experiments/harmful.py", "--root", not_a_folder), "cannot make the folder")
