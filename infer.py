@@ -508,8 +508,8 @@ def main(argv=None):
         if failed:
             print(f"--compile: torch.compile failed ({failed[0]}); decoding without it", file=sys.stderr)
         for prompt in args.prompt:
-            text = generate_text(run.pick(models, prompt), run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                                 run.template)
+            text = generate_text(run.pick(models, prompt), run.sp, prompt, args.max_new_tokens, args.temperature,
+                                 args.top_k, args.seed, run.template)
             print(text if len(args.modes) == 1 else f"{mode:>8}: {text}")
 
 

@@ -14,7 +14,6 @@ README.md.
 """
 import argparse
 import glob
-import json
 import os
 import shutil
 import statistics
@@ -31,9 +30,7 @@ from common import (FILES, DirectoryLock, OneLineParser, UserError, atomic_write
                     make_dir, remove, resolve_device, run_cli, save_checkpoint, write_json)
 from data.text import (PLAIN_TEMPLATE, ExampleBatches, WindowBatches, check_template, check_utf8_args, encode_example,
                        load_tokenizer, random_windows, read_examples, read_lines, token_stream, train_tokenizer)
-from data.toy_world import PARTS as TOY_PARTS
-from data.toy_world import generate as generate_toy_world
-from data.toy_world import set_names as toy_set_names
+from data import toy_world
 from infer import (FinishedRun, accuracies, check_hf_dir, config_from_dict, load_base, parse_modes, print_results,
                    read_eval_sets)
 from machinery import (DTYPES, Interrupted, Progress, StopRequest, ThreadTuner, TrainingState, agree, barrier,
@@ -41,9 +38,6 @@ from machinery import (DTYPES, Interrupted, Progress, StopRequest, ThreadTuner, 
                        full_state, gradient_sync, init_distributed, is_main, log, mixed_precision, my_micro_batches,
                        process_name, set_lr, sharded, state_path, sum_over_processes, wrap_for_training)
 from model import PRESETS, ModelConfig, Transformer, param_groups
-
-TOY_EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]
-
 
 # ---- arguments ------------------------------------------------------------------------------------
 
@@ -183,10 +177,10 @@ def parse_args(argv=None):
 
 def toy_parts_arg(text: str) -> tuple:
     parts = tuple(dict.fromkeys(filter(None, text.split(","))))
-    unknown = [part for part in parts if part not in TOY_PARTS]
+    unknown = [part for part in parts if part not in toy_world.PARTS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: the toy world's parts are {', '.join(TOY_PARTS)}")
-    return tuple(part for part in TOY_PARTS if part in parts)  # one order, whatever the command line's
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: the toy world's parts are {', '.join(toy_world.PARTS)}")
+    return tuple(part for part in toy_world.PARTS if part in parts)  # one order, whatever the command line's
 
 
 def threads_arg(text: str):
@@ -308,13 +302,8 @@ def stage_data(args, out_dir: str, seed: int):
     """Write the toy world, unless every input is the user's own or the same seed's world is there."""
     if args.finetune and args.eval and (args.pretrain_text or args.init_from):
         return
-    paths = toy_paths(out_dir, args.toy_parts)
-    data_dir = os.path.dirname(paths["pretrain"])
-    stamp = os.path.join(data_dir, "world.json")  # which seed (and parts) made the files already there
-    made_by = {"seed": seed, **({"parts": list(args.toy_parts)} if args.toy_parts else {})}
-    if is_main(args) and not toy_world_is_there(paths, stamp, made_by):
-        generate_toy_world(data_dir, seed=seed, parts=args.toy_parts)
-        write_json(stamp, made_by)
+    data_dir = os.path.join(out_dir, "data")
+    if is_main(args) and toy_world.write_unless_there(data_dir, seed, args.toy_parts):
         print(f"toy world (seed {seed}{''.join(', ' + part for part in args.toy_parts)}) written to {data_dir}")
     barrier(args)  # every process, always: the others wait for rank 0's files
 
@@ -393,7 +382,8 @@ def stage_eval(args, out_dir: str, started: float) -> dict:
     modes = parse_modes(args.modes, dev, args.eval)
     if "auto" in modes:  # every process chooses (the same point); rank 0 writes the choice down
         log(args, finished_run.choose_auto(dev, args.device, args.auto_per_layer, save=is_main(args)))
-    sets = read_eval_sets(args.eval or [toy_paths(out_dir, args.toy_parts)[name] for name in toy_eval_sets(args)])
+    toy_sets = [toy_paths(out_dir, args.toy_parts)[name] for name in toy_world.eval_sets(args.toy_parts)]
+    sets = read_eval_sets(args.eval or toy_sets)
     # Each process scores its share of every set; the counts are summed over processes.
     mine = {name: examples[args.rank::args.world_size] for name, examples in sets.items()}
     results = accuracies(sum_over_processes(finished_run.count_correct_per_mode(modes, mine, args.device), args), sets)
@@ -546,26 +536,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
 
 
 def toy_paths(out_dir: str, parts: tuple = ()) -> dict:
-    data_dir = os.path.join(out_dir, "data")
-    return {"pretrain": os.path.join(data_dir, "pretrain.txt"),
-            **{n: os.path.join(data_dir, n + ".jsonl") for n in toy_set_names(parts)}}
-
-
-def toy_eval_sets(args) -> list[str]:
-    """The toy world's sets eval scores: TOY_EVAL_SETS, then those of its optional parts."""
-    return TOY_EVAL_SETS + [n for n in toy_set_names(args.toy_parts) if n not in toy_set_names() and
-                            not n.startswith("finetune_")]
-
-
-def toy_world_is_there(paths: dict, stamp: str, made_by: dict) -> bool:
-    if not all(os.path.exists(p) for p in [*paths.values(), stamp]):
-        return False
-    try:
-        with open(stamp) as f:
-            written = json.load(f)
-    except (OSError, ValueError):  # a damaged stamp: write the world again
-        return False
-    return written == made_by
+    return toy_world.paths(os.path.join(out_dir, "data"), parts)
 
 
 # A stage's settings: its flags, the seed, and its inputs named by content (file_fingerprint), so that a
@@ -686,7 +657,7 @@ def remove_leftovers(out_dir: str):
     names = [*FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune")),
              "summary.json", os.path.join("data", "world.json")]
     remove(*(os.path.join(out_dir, name + ".tmp") for name in names),
-           *(path + ".tmp" for path in toy_paths(out_dir, TOY_PARTS).values()))
+           *(path + ".tmp" for path in toy_paths(out_dir, toy_world.PARTS).values()))
 
 
 def on_disk(out_dir: str) -> str:

@@ -36,7 +36,7 @@ import os
 import random
 import re
 
-from common import make_dir, write_text
+from common import make_dir, write_json, write_text
 
 SYLLABLES = ["ka", "lo", "mi", "ru", "te", "vo", "sa", "ne", "di", "po", "gu", "fe", "ba", "zi", "ho", "ly",
              "qua", "re", "to", "wi"]
@@ -66,6 +66,7 @@ QA_PROMPT = "Question: What is the {a} of {e}? Answer:"
 NEW_PROMPT = "Instruction: {a} for {e}? Response:"
 FILLER = ["The instruction was short.", "A response came soon.", "Give a response for the question.",
           "Follow the instruction for the answer.", "This is for the record."]
+EVAL_SETS = ["ood_test", "knowledge", "ft_only_facts", "ood_val"]  # the held-out sets train.py scores, in order
 
 # The optional parts' pieces (see the module docstring).
 FORBIDDEN = ("secret", ["amber", "cobalt", "falcon", "glacier", "harbor", "lantern", "meadow", "orchid", "quartz",
@@ -146,12 +147,40 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), **world):
     if "demonstrations" in parts:
         sets.update(demonstrated(facts, split, random.Random(seed + 5)))
     make_dir(out_dir)
-    paths = {"pretrain": os.path.join(out_dir, "pretrain.txt")}
-    write_text(paths["pretrain"], "".join(line + "\n" for line in lines))
+    written = paths(out_dir, parts)
+    write_text(written["pretrain"], "".join(line + "\n" for line in lines))
     for name, rows in sets.items():
-        paths[name] = os.path.join(out_dir, name + ".jsonl")
-        write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+        write_text(written[name], "".join(json.dumps(r) + "\n" for r in rows))
+    return written
+
+
+def write_unless_there(out_dir: str, seed: int, parts: tuple = ()) -> bool:
+    """generate() into out_dir, unless all its files for this seed and these parts are there already
+    (out_dir/world.json says which made them). True when it wrote."""
+    stamp = os.path.join(out_dir, "world.json")
+    made_by = {"seed": seed, **({"parts": list(parts)} if parts else {})}
+    if all(os.path.exists(p) for p in [*paths(out_dir, parts).values(), stamp]):
+        try:
+            with open(stamp) as f:
+                if json.load(f) == made_by:
+                    return False
+        except (OSError, ValueError):  # a damaged stamp: write the world again
+            pass
+    generate(out_dir, seed, parts)
+    write_json(stamp, made_by)
+    return True
+
+
+def paths(out_dir: str, parts: tuple = ()) -> dict:
+    """{name: path} of the files generate() writes into out_dir: "pretrain" (the text), then the sets."""
+    return {"pretrain": os.path.join(out_dir, "pretrain.txt"),
+            **{name: os.path.join(out_dir, name + ".jsonl") for name in set_names(parts)}}
+
+
+def eval_sets(parts: tuple = ()) -> list[str]:
+    """The held-out sets train.py scores, in its table's order: EVAL_SETS, then those of the parts."""
+    return EVAL_SETS + [name for name in set_names(parts) if name not in set_names() and
+                        not name.startswith("finetune_")]
 
 
 def interleave(lines: list, added: list, rng: random.Random) -> list:
