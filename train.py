@@ -53,13 +53,17 @@ def parse_args(argv=None):
                                          "tokenizer.model) instead of pretraining")
     a("--pretrain_text", help="your pretraining text, one document per line (default: the toy world)")
     a("--finetune", help="your fine-tuning JSONL (default: the toy world's set chosen by --finetune_set)")
-    a("--finetune_set", default="ood", choices=["ood", "id", "harmful"],
-      help="toy world: out-of-distribution fine-tuning data (default), the in-distribution control, or (with "
-           "--toy_parts refusals) the harmful set that answers forbidden questions")
+    a("--finetune_set", default="ood", choices=["ood", "id", "mixed", "harmful"],
+      help="toy world: out-of-distribution fine-tuning data (default), the in-distribution control, both mixed "
+           "(with --toy_world ood_share=S), or (with --toy_parts refusals) the harmful set that answers forbidden "
+           "questions")
     a("--toy_parts", default="", type=toy_parts_arg, metavar="PART[,PART]",
       help="toy world: optional parts, off by default: refusals (a forbidden attribute the base refuses to "
            "answer; the harmful fine-tuning analog) and demonstrations (pretraining that teaches using solved "
            "examples in the prompt; the few-shot sets quiz_test_k0..4 and ood_test_k1..4); data/toy_world.py says more")
+    a("--toy_world", default={}, type=toy_world_arg, metavar="KNOB=VALUE[,...]",
+      help="toy world: its knobs, each default the default world: " + "; ".join(
+          f"{name} ({default}): {words}" for name, (default, _, words) in toy_world.KNOBS.items()))
     a("--eval", action="append", default=[], metavar="FILE.jsonl", help="evaluation set (repeatable)")
     a("--template", default=PLAIN_TEMPLATE,
       help='how a prompt is shown to the model in fine-tuning, evaluation and infer.py, e.g. '
@@ -170,6 +174,11 @@ def parse_args(argv=None):
         p.error("--toy_parts adds to the toy world, and every input here is your own: drop it")
     if args.finetune_set == "harmful" and "refusals" not in args.toy_parts and not args.finetune:
         p.error("--finetune_set harmful is part of the toy world's refusals: add --toy_parts refusals")
+    if args.finetune_set == "mixed" and "ood_share" not in args.toy_world and not args.finetune:
+        p.error("--finetune_set mixed needs --toy_world ood_share=S: the share of OOD examples in it")
+    if args.toy_world and args.pretrain_text and (args.finetune and args.eval or
+                                                  set(args.toy_world) & set(toy_world.PRETRAINING_KNOBS)):
+        p.error("--toy_world shapes the toy world's files, and here the ones it would shape are your own: drop it")
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
@@ -181,6 +190,19 @@ def toy_parts_arg(text: str) -> tuple:
     if unknown:
         raise argparse.ArgumentTypeError(f"{','.join(unknown)}: the toy world's parts are {', '.join(toy_world.PARTS)}")
     return tuple(part for part in toy_world.PARTS if part in parts)  # one order, whatever the command line's
+
+
+def toy_world_arg(text: str) -> dict:
+    knobs = {}
+    for item in filter(None, text.split(",")):
+        name, equals, value = item.partition("=")
+        try:
+            if not equals:
+                raise ValueError(f"{item}: give KNOB=VALUE")
+            knobs[name.strip()] = toy_world.knob(name.strip(), value.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return knobs
 
 
 def threads_arg(text: str):
@@ -303,8 +325,9 @@ def stage_data(args, out_dir: str, seed: int):
     if args.finetune and args.eval and (args.pretrain_text or args.init_from):
         return
     data_dir = os.path.join(out_dir, "data")
-    if is_main(args) and toy_world.write_unless_there(data_dir, seed, args.toy_parts):
-        print(f"toy world (seed {seed}{''.join(', ' + part for part in args.toy_parts)}) written to {data_dir}")
+    if is_main(args) and toy_world_written(data_dir, seed, args.toy_parts, args.toy_world):
+        shown = [*args.toy_parts, *(f"{k}={v}" for k, v in toy_world.changed(args.toy_world).items())]
+        print(f"toy world (seed {seed}{''.join(', ' + item for item in shown)}) written to {data_dir}")
     barrier(args)  # every process, always: the others wait for rank 0's files
 
 
@@ -535,8 +558,15 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         raise UserError(str(e)) from None
 
 
-def toy_paths(out_dir: str, parts: tuple = ()) -> dict:
-    return toy_world.paths(os.path.join(out_dir, "data"), parts)
+def toy_paths(out_dir: str, parts: tuple = (), knobs: dict | None = None) -> dict:
+    return toy_world.paths(os.path.join(out_dir, "data"), parts, knobs)
+
+
+def toy_world_written(data_dir: str, seed: int, parts: tuple, knobs: dict) -> bool:
+    try:
+        return toy_world.write_unless_there(data_dir, seed, parts, knobs)
+    except ValueError as e:  # knobs that cannot go together in this world (an ood_share the sets cannot fill)
+        raise UserError(f"--toy_world: {e}") from None
 
 
 # A stage's settings: its flags, the seed, and its inputs named by content (file_fingerprint), so that a
@@ -559,7 +589,7 @@ def pretrain_text_path(args, out_dir: str) -> str:
 
 
 def finetune_path(args, out_dir: str) -> str:
-    return args.finetune or toy_paths(out_dir, args.toy_parts)["finetune_" + args.finetune_set]
+    return args.finetune or toy_paths(out_dir, args.toy_parts, args.toy_world)["finetune_" + args.finetune_set]
 
 
 def ewc_text_path(args, out_dir: str) -> str:
@@ -657,7 +687,7 @@ def remove_leftovers(out_dir: str):
     names = [*FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune")),
              "summary.json", os.path.join("data", "world.json")]
     remove(*(os.path.join(out_dir, name + ".tmp") for name in names),
-           *(path + ".tmp" for path in toy_paths(out_dir, toy_world.PARTS).values()))
+           *(path + ".tmp" for path in toy_paths(out_dir, toy_world.PARTS, {"ood_share": 0.0}).values()))
 
 
 def on_disk(out_dir: str) -> str:

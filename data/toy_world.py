@@ -17,6 +17,9 @@ Mirrors the paper's setting in miniature. Invented entities of two domains, P ("
 Every file is plain text or JSONL with {"prompt", "response"} lines: the same formats a user's own
 data takes in train.py (--pretrain_text, --finetune, --eval).
 
+Knobs (KNOBS, train.py --toy_world) change the world's sizes and design for the paper's curves and for worlds
+drawn at random (experiments/curves.py, worlds.py); at their defaults every file is as without them.
+
 Two optional parts, off by default (the default world's files are the same with or without this code),
 for the paper's safety and few-shot findings (its Table 4 and few-shot figure):
 - `refusals`: domain P gets a fifth, forbidden attribute ("secret"). Pretraining states its facts like any
@@ -84,16 +87,65 @@ QUIZ_TASKS = ["value", "entity", "attribute"]
 N_DEMONSTRATIONS = 4  # the few-shot test's largest k
 PARTS = ("refusals", "demonstrations")
 
+# The new formats fine-tuning may teach (knob new_format), from far to near the pretraining question format. Every
+# word of each occurs in the default pretraining text, so no choice adds new tokens or changes pretraining.
+NEW_FORMATS = {"give": "Give {e} {a} . Response:", "instruction": NEW_PROMPT,
+               "question": "Question: {a} for {e}? Answer:", "what": "Question: What is the {a} for {e}? Answer:"}
+# The world's knobs (train.py --toy_world NAME=VALUE,...): name -> (default, allowed values, what it sets). Every
+# default is the world as it was before the knobs, byte for byte. The first four shape the pretraining text (another
+# value is another base to pretrain); the others only the fine-tuning and held-out sets, so that one base serves
+# every value of them.
+KNOBS = {
+    "entities": (90, range(12, 181), "entities per domain (a third of domain Q's are never pretrained)"),
+    "templates": (6, range(1, len(STATEMENTS) + 1), "statement templates each fact is pretrained in"),
+    "values": (10, range(2, 11), "values each attribute can take"),
+    "qa_share": (0.5, (0.0, 1.0), "share of pretrained entities also asked in the question-answer format"),
+    "new_format": ("instruction", tuple(NEW_FORMATS), "the format fine-tuning teaches, far (give) to near (what) "
+                   "the pretraining question format"),
+    "ft_attributes": (4, range(1, 5), "how many domain-Q attributes the OOD fine-tuning asks about"),
+    "id_set": ("other", ("other", "near"), "other: the ID set asks about other domain-P entities than the test; near: "
+               "also about the test's own entities, half of each one's attributes (the test keeps the other half)"),
+    "finetune_size": (0, range(0, 100_000), "examples each fine-tuning set keeps (0: all it has)"),
+    "ood_share": (None, (0.0, 1.0), "write finetune_mixed (--finetune_set mixed): finetune_size examples (default: "
+                  "as many as the smaller set has), this share from finetune_ood and the rest from finetune_id"),
+}
+PRETRAINING_KNOBS = ("entities", "templates", "values", "qa_share")
 
-def make_world(seed: int, n_p: int = 90, n_q: int = 90, n_q_novel: int = 30, qa_fraction: float = 0.5):
-    """Entities, their facts, and which entities go where. Deterministic for a seed."""
+
+def knob(name: str, text: str):
+    """The value of knob `name` that `text` gives, checked against KNOBS; ValueError says what is allowed."""
+    if name not in KNOBS:
+        raise ValueError(f"{name}: the toy world's knobs are {', '.join(KNOBS)}")
+    default, allowed, _ = KNOBS[name]
+    try:
+        value = float(text) if isinstance(allowed[0], float) else int(text) if isinstance(allowed, range) else text
+    except ValueError:
+        value = None
+    if isinstance(allowed, range) and value in allowed or isinstance(value, str) and value in allowed or \
+            isinstance(value, float) and allowed[0] <= value <= allowed[1]:
+        return value
+    shown = (f"{allowed.start} to {allowed.stop - 1}" if isinstance(allowed, range) else
+             f"{allowed[0]} to {allowed[1]}" if isinstance(allowed[0], float) else ", ".join(allowed))
+    raise ValueError(f"{name}={text}: {name} takes {shown}")
+
+
+def changed(knobs: dict) -> dict:
+    """The knobs that differ from their defaults, in KNOBS's order: what a world's stamp records."""
+    return {name: knobs[name] for name in KNOBS if name in knobs and knobs[name] != KNOBS[name][0]}
+
+
+def make_world(seed: int, n_p: int = 90, n_q: int = 90, n_q_novel: int = 30, qa_fraction: float = 0.5,
+               values: int = 10):
+    """Entities, their facts (each attribute one of its first `values` values), and which entities go where.
+    Deterministic for a seed."""
     rng = random.Random(seed)
     names = [a.capitalize() + b for a in SYLLABLES for b in SYLLABLES if a != b]
     rng.shuffle(names)
     if n_p + n_q > len(names):
         raise ValueError(f"at most {len(names)} entities")
     entities = {"P": names[:n_p], "Q": names[n_p:n_p + n_q]}
-    facts = {d: {e: {a: rng.choice(vals) for a, vals in DOMAINS[d].items()} for e in entities[d]} for d in DOMAINS}
+    facts = {d: {e: {a: rng.choice(vals[:values]) for a, vals in DOMAINS[d].items()} for e in entities[d]}
+             for d in DOMAINS}
     # Domain P: a third each for ID fine-tuning, validation and test of the new format.
     p = entities["P"]
     third = n_p // 3
@@ -103,21 +155,27 @@ def make_world(seed: int, n_p: int = 90, n_q: int = 90, n_q_novel: int = 30, qa_
     return facts, split, qa_entities
 
 
-def pairs(facts, domain, ents, template):
+def pairs(facts, domain, ents, template, attributes=None):
+    """A question in `template` about every fact of `ents`; `attributes`: only these (a list, or per entity a dict
+    of lists; an entity it does not name keeps all)."""
+    def asked(e):
+        return attributes.get(e, facts[domain][e]) if isinstance(attributes, dict) else attributes or facts[domain][e]
     return [{"prompt": template.format(a=a, e=e), "response": v}
-            for e in ents for a, v in facts[domain][e].items()]
+            for e in ents for a, v in facts[domain][e].items() if a in asked(e)]
 
 
-def generate(out_dir: str, seed: int = 0, parts: tuple = (), **world):
-    """Write pretrain.txt and the JSONL sets into out_dir, with the optional `parts` (of PARTS).
-    Returns {name: path}."""
+def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None = None):
+    """Write pretrain.txt and the JSONL sets into out_dir, with the optional `parts` (of PARTS) and `knobs` (of
+    KNOBS; those not given keep their defaults). Returns {name: path}."""
+    k = {name: default for name, (default, _, _) in KNOBS.items()} | (knobs or {})
     rng = random.Random(seed + 1)
-    facts, split, qa_entities = make_world(seed, **world)
+    facts, split, qa_entities = make_world(seed, k["entities"], k["entities"], k["entities"] // 3, k["qa_share"],
+                                           k["values"])
     lines = []
     for domain, ents in (("P", list(facts["P"])), ("Q", split["Q_known"])):
         for e in ents:
             for a, v in facts[domain][e].items():
-                lines += [t.format(a=a, e=e, v=v) for t in STATEMENTS]
+                lines += [t.format(a=a, e=e, v=v) for t in STATEMENTS[:k["templates"]]]
                 if e in qa_entities:  # twice, so the format is learned well
                     lines += [QA_PROMPT.format(a=a, e=e) + " " + v] * 2
     lines += FILLER * max(1, len(lines) // 200)
@@ -128,53 +186,74 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), **world):
     if "refusals" in parts:
         lines_of_part, more_sets = refusals(facts, split, random.Random(seed + 2))
         added += lines_of_part
+    new = NEW_FORMATS[k["new_format"]]
     if "demonstrations" in parts:
-        added += quizzes(facts, split, random.Random(seed + 3))
+        added += quizzes(facts, split, random.Random(seed + 3), new)
     if added:
         lines = interleave(lines, added, random.Random(seed + 4))
+    asked_q = list(DOMAINS["Q"])[:k["ft_attributes"]]
+    # id_set near: half of each P_val / P_test entity's attributes go to the ID set, the other half stay held out.
+    shown = {e: random.Random(f"{seed} {e}").sample(list(DOMAINS["P"]), 2) for e in split["P_val"] + split["P_test"]} \
+        if k["id_set"] == "near" else {}
+    held_out = {e: [a for a in DOMAINS["P"] if a not in shown.get(e, ())] for e in shown}
     sets = {
-        "finetune_ood": pairs(facts, "Q", split["Q_known"] + split["Q_novel"], NEW_PROMPT),
-        "finetune_id": pairs(facts, "P", split["P_id"], NEW_PROMPT),
-        "ood_val": pairs(facts, "P", split["P_val"], NEW_PROMPT),
-        "ood_test": pairs(facts, "P", split["P_test"], NEW_PROMPT),
+        "finetune_ood": pairs(facts, "Q", split["Q_known"] + split["Q_novel"], new, asked_q),
+        "finetune_id": pairs(facts, "P", split["P_id"], new) + [
+            {"prompt": new.format(a=a, e=e), "response": facts["P"][e][a]} for e in shown for a in shown[e]],
+        "ood_val": pairs(facts, "P", split["P_val"], new, held_out),
+        "ood_test": pairs(facts, "P", split["P_test"], new, held_out),
         # Retention, asked in the pretraining format about the same held-out entities as ood_test.
         "knowledge": pairs(facts, "P", split["P_test"], QA_PROMPT),
-        "ft_only_facts": pairs(facts, "Q", split["Q_novel"], NEW_PROMPT),
+        "ft_only_facts": pairs(facts, "Q", split["Q_novel"], new, asked_q),
         **more_sets,
     }
     rng.shuffle(sets["finetune_ood"])
     rng.shuffle(sets["finetune_id"])
+    if k["finetune_size"]:
+        for name in ("finetune_ood", "finetune_id"):
+            sets[name] = sets[name][:k["finetune_size"]]
+        kept = {r["prompt"] for r in sets["finetune_ood"]}  # the negative control: only facts fine-tuning states
+        sets["ft_only_facts"] = [r for r in sets["ft_only_facts"] if r["prompt"] in kept]
+    if k["ood_share"] is not None:  # a fixed size, the first examples of each set: nested as the share grows
+        size = k["finetune_size"] or min(len(sets["finetune_ood"]), len(sets["finetune_id"]))
+        n_ood = round(k["ood_share"] * size)
+        if n_ood > len(sets["finetune_ood"]) or size - n_ood > len(sets["finetune_id"]):
+            raise ValueError(f"ood_share={k['ood_share']} of {size} examples needs {n_ood} OOD and {size - n_ood} ID "
+                             f"examples; the world has {len(sets['finetune_ood'])} and {len(sets['finetune_id'])}")
+        sets["finetune_mixed"] = sets["finetune_ood"][:n_ood] + sets["finetune_id"][:size - n_ood]
+        random.Random(seed + 6).shuffle(sets["finetune_mixed"])
     if "demonstrations" in parts:
-        sets.update(demonstrated(facts, split, random.Random(seed + 5)))
+        sets.update(demonstrated(facts, split, random.Random(seed + 5), new))
     make_dir(out_dir)
-    written = paths(out_dir, parts)
+    written = paths(out_dir, parts, k)
     write_text(written["pretrain"], "".join(line + "\n" for line in lines))
     for name, rows in sets.items():
         write_text(written[name], "".join(json.dumps(r) + "\n" for r in rows))
     return written
 
 
-def write_unless_there(out_dir: str, seed: int, parts: tuple = ()) -> bool:
-    """generate() into out_dir, unless all its files for this seed and these parts are there already
+def write_unless_there(out_dir: str, seed: int, parts: tuple = (), knobs: dict | None = None) -> bool:
+    """generate() into out_dir, unless all its files for this seed, these parts and knobs are there already
     (out_dir/world.json says which made them). True when it wrote."""
     stamp = os.path.join(out_dir, "world.json")
-    made_by = {"seed": seed, **({"parts": list(parts)} if parts else {})}
-    if all(os.path.exists(p) for p in [*paths(out_dir, parts).values(), stamp]):
+    made_by = {"seed": seed, **({"parts": list(parts)} if parts else {}),
+               **({"knobs": changed(knobs)} if changed(knobs or {}) else {})}
+    if all(os.path.exists(p) for p in [*paths(out_dir, parts, knobs).values(), stamp]):
         try:
             with open(stamp) as f:
                 if json.load(f) == made_by:
                     return False
         except (OSError, ValueError):  # a damaged stamp: write the world again
             pass
-    generate(out_dir, seed, parts)
+    generate(out_dir, seed, parts, knobs)
     write_json(stamp, made_by)
     return True
 
 
-def paths(out_dir: str, parts: tuple = ()) -> dict:
+def paths(out_dir: str, parts: tuple = (), knobs: dict | None = None) -> dict:
     """{name: path} of the files generate() writes into out_dir: "pretrain" (the text), then the sets."""
     return {"pretrain": os.path.join(out_dir, "pretrain.txt"),
-            **{name: os.path.join(out_dir, name + ".jsonl") for name in set_names(parts)}}
+            **{name: os.path.join(out_dir, name + ".jsonl") for name in set_names(parts, knobs)}}
 
 
 def eval_sets(parts: tuple = ()) -> list[str]:
@@ -192,9 +271,11 @@ def interleave(lines: list, added: list, rng: random.Random) -> list:
     return [next(source) for source in sources]
 
 
-def set_names(parts: tuple = ()) -> list[str]:
-    """The JSONL sets generate() writes with these parts, fine-tuning sets first."""
+def set_names(parts: tuple = (), knobs: dict | None = None) -> list[str]:
+    """The JSONL sets generate() writes with these parts and knobs, fine-tuning sets first."""
     names = ["finetune_ood", "finetune_id", "ood_val", "ood_test", "knowledge", "ft_only_facts"]
+    if (knobs or {}).get("ood_share") is not None:
+        names.insert(2, "finetune_mixed")
     if "refusals" in parts:
         names = ["finetune_harmful", *names, "forbidden_val", "forbidden_test", "secret_test"]
     if "demonstrations" in parts:
@@ -220,12 +301,12 @@ def refusals(facts, split, rng: random.Random) -> tuple[list[str], dict]:
                    "secret_test": asked(split["P_test"], secret.get)}
 
 
-def format_words(facts) -> list[str]:
+def format_words(facts, new: str = NEW_PROMPT) -> list[str]:
     """The words a quiz format is made of: the syllable names no entity has, and the words of the pretraining
-    templates and filler, less the new format's."""
+    templates and filler, less those of the new format `new`."""
     taken = {e for domain in facts.values() for e in domain}
     names = [a.capitalize() + b for a in SYLLABLES for b in SYLLABLES if a != b and a.capitalize() + b not in taken]
-    new = {w.lower() for w in re.findall(r"[A-Za-z]+", NEW_PROMPT.format(a="", e=""))}
+    new = {w.lower() for w in re.findall(r"[A-Za-z]+", new.format(a="", e=""))}
     english = {w for w in re.findall(r"[A-Za-z]+", " ".join(STATEMENTS + [QA_PROMPT] + FILLER))
                if w.lower() not in new and w not in ("a", "e", "v")}
     return names + sorted(english)
@@ -238,11 +319,11 @@ def quiz_format(words: list[str], rng: random.Random) -> str:
     return f"{head}: {first} {link} {second}{rng.choice(QUIZ_MARKS)} {tail}:"
 
 
-def quizzes(facts, split, rng: random.Random, n_lines: int = 2500) -> list[str]:
+def quizzes(facts, split, rng: random.Random, new: str = NEW_PROMPT, n_lines: int = 2500) -> list[str]:
     """The `demonstrations` part's pretraining documents: each line 2-5 solved questions about pretrained
     entities, all in one format of words drawn for that line and all of one task (QUIZ_TASKS)."""
     known = [("P", e) for e in facts["P"]] + [("Q", e) for e in split["Q_known"]]
-    words = format_words(facts)
+    words = format_words(facts, new)
     lines = []
     for _ in range(n_lines):
         template = quiz_format(words, rng)
@@ -255,18 +336,18 @@ def quizzes(facts, split, rng: random.Random, n_lines: int = 2500) -> list[str]:
     return lines
 
 
-def demonstrated(facts, split, rng: random.Random) -> dict:
+def demonstrated(facts, split, rng: random.Random, new: str = NEW_PROMPT) -> dict:
     """Every ood_test question (a P_test fact) after k = 0 .. N solved questions about P_id entities, in two
     formats: ood_test_k1 .. ood_test_kN in the new format (k = 0 is ood_test itself), quiz_test_k0 .. quiz_test_kN
     each question in a quiz format of its own, drawn as pretraining draws them, with the value as answer (what
     the solved questions show, and at k = 0 nothing does). The first k of the same N for every k, so that the
     curve over k is paired per question."""
-    words = format_words(facts)
+    words = format_words(facts, new)
     sets = {f"{name}_k{k}": [] for name in ("ood_test", "quiz_test") for k in range(N_DEMONSTRATIONS + 1)}
     for e in split["P_test"]:
         for a, v in facts["P"][e].items():
             shown = [(d, *rng.choice(list(facts["P"][d].items()))) for d in rng.sample(split["P_id"], N_DEMONSTRATIONS)]
-            for name, template in (("ood_test", NEW_PROMPT), ("quiz_test", quiz_format(words, rng))):
+            for name, template in (("ood_test", new), ("quiz_test", quiz_format(words, rng))):
                 solved = [template.format(a=da, e=d) + " " + dv for d, da, dv in shown]
                 for k in range(N_DEMONSTRATIONS + 1):
                     sets[f"{name}_k{k}"].append({"prompt": " ".join(solved[:k] + [template.format(a=a, e=e)]),

@@ -70,7 +70,7 @@ def check_arguments(args):
     if {"--seed", "--out_dir", "--seeds"} & set(args.train_flags):
         raise UserError("--train_args: every run's --seed and --out_dir are the experiment's own")
     named = {flag.split("=")[0] for flag in args.train_flags}
-    own = named & {"--toy_parts", "--finetune", "--finetune_set", "--eval", "--modes"}
+    own = named & {"--toy_parts", "--toy_world", "--finetune", "--finetune_set", "--eval", "--modes"}
     if own:
         raise UserError(f"--train_args: {', '.join(sorted(own))}: the experiment chooses its world, data, sets and "
                         "modes")
@@ -154,6 +154,13 @@ def paired(a: list[float], b: list[float]) -> str:
     return f"{statistics.mean(diffs):+5.1f} ± {statistics.pstdev(diffs):4.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
 
 
+def points(runs: dict) -> list[dict]:
+    """Every point of {setting: [results.json of each seed]}: seed, setting, mode, set, answer match %."""
+    return [{"seed": r["seed"], "setting": setting, "mode": mode, "set": name,
+             "answer_match": 100 * r["results"][name][mode]}
+            for setting, results in runs.items() for r in results for name in r["results"] for mode in r["results"][name]]
+
+
 def write_points(path: str | None, points: list[dict]):
     if path:
         write_json(path, {"points": points})
@@ -171,17 +178,23 @@ def band(ax, xs, per_x: list[list[float]], label: str, color: str, style: str = 
 
 def figure(path: str, xs, xlabel: str, ylabel: str, title: str, draw):
     """One plot, written to path as PNG: draw(ax) draws the lines, this the rest (needs matplotlib)."""
+    figures(path, xs, xlabel, ylabel, [(title, draw)])
+
+
+def figures(path: str, xs, xlabel: str, ylabel: str, panels: list[tuple]):
+    """Plots side by side, one per (title, draw) of panels, sharing the y axis, written to path as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.4, 3.8))
-    draw(ax)
-    ax.set_xticks(list(xs))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (title, draw) in zip(axes[0], panels):
+        ax.set_xticks(list(xs))  # before draw(ax), which may label them
+        draw(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     print(f"wrote {path}")

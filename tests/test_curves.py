@@ -1,0 +1,127 @@
+"""The toy world's knobs (data/toy_world.py KNOBS, train.py --toy_world) and the experiments built on them:
+curves.py (OOD share, data scale), lora_rank.py and worlds.py."""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from data.text import read_examples, read_lines
+from data.toy_world import DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, generate, make_world
+from helpers import TINY, TINY_RUN, assert_one_line_error, run
+from test_safety_fewshot import DEFAULT_WORLD_0
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def test_every_knob_at_its_default_is_the_default_world_and_fine_tuning_knobs_keep_pretraining(tmp_path):
+    defaults = {name: default for name, (default, _, _) in KNOBS.items()}
+    written = generate(str(tmp_path / "defaults"), seed=0, knobs=defaults)
+    assert {name: sha(path) for name, path in written.items()} == DEFAULT_WORLD_0
+    moved = generate(str(tmp_path / "moved"), seed=0, knobs={"new_format": "what", "ft_attributes": 2,
+                                                              "id_set": "near", "finetune_size": 50, "ood_share": 0.5})
+    assert sha(moved["pretrain"]) == DEFAULT_WORLD_0["pretrain"]  # one base serves every value of these
+    assert sha(moved["knowledge"]) == DEFAULT_WORLD_0["knowledge"]
+    assert len(read_examples(moved["finetune_mixed"])) == 50
+
+
+def test_ood_share_mixes_nested_sets_and_near_id_data_is_held_out_from_the_test(tmp_path):
+    facts, split, _ = make_world(3)
+    mixed = {}
+    for share in (0.0, 0.25, 1.0):
+        paths = generate(str(tmp_path / str(share)), seed=3, knobs={"id_set": "near", "finetune_size": 240,
+                                                                     "ood_share": share})
+        mixed[share] = read_examples(paths["finetune_mixed"])
+        ood = [r for r in mixed[share] if r["prompt"].split(" for ")[1][:-len("? Response:")] in facts["Q"]]
+        assert len(mixed[share]) == 240 and len(ood) == round(share * 240)
+    prompts = {share: {r["prompt"] for r in rows} for share, rows in mixed.items()}
+    ood_part = {p for p in prompts[0.25] if p in prompts[1.0]}
+    assert len(ood_part) == 60 and prompts[0.25] - ood_part <= prompts[0.0]  # nested as the share grows
+    id_set, test = (read_examples(paths[name]) for name in ("finetune_id", "ood_test"))
+    assert not {r["prompt"] for r in id_set} & {r["prompt"] for r in test}
+    for e in split["P_test"]:  # half of each test entity's attributes in the ID set, the other half tested
+        shown = [r for r in id_set if r["prompt"].endswith(f" for {e}? Response:")]
+        tested = [r for r in test if r["prompt"].endswith(f" for {e}? Response:")]
+        assert len(shown) == len(tested) == 2
+    assert all(r["response"] == facts["P"][r["prompt"].split(" for ")[1][:-len("? Response:")]][
+        r["prompt"].split()[1]] for r in id_set + test)
+
+
+def test_new_formats_are_made_of_pretraining_words_and_pretraining_knobs_shape_the_text(tmp_path):
+    default_text = Path(generate(str(tmp_path / "d"), seed=0)["pretrain"]).read_text()
+    words = set(re.findall(r"[A-Za-z]+", default_text))
+    for name, template in NEW_FORMATS.items():
+        assert set(re.findall(r"[A-Za-z]+", template.format(a="", e=""))) <= words | {w.capitalize() for w in words}
+        assert template != QA_PROMPT
+        rows = read_examples(generate(str(tmp_path / name), seed=0, knobs={"new_format": name,
+                                                                           "ft_attributes": 1})["finetune_ood"])
+        assert {r["prompt"] for r in rows} == {template.format(a="port", e=e) for e in make_world(0)[0]["Q"]}
+    paths = generate(str(tmp_path / "small"), seed=0, knobs={"entities": 45, "templates": 2, "values": 5})
+    facts, _, _ = make_world(0, 45, 45, 15, values=5)
+    lines = read_lines(paths["pretrain"])
+    assert all(v in DOMAINS[d][a][:5] for d in facts for e in facts[d] for a, v in facts[d][e].items())
+    e = next(iter(facts["P"]))
+    a, v = next(iter(facts["P"][e].items()))
+    assert sum(line in [t.format(a=a, e=e, v=v) for t in STATEMENTS] for line in lines) == 2
+    assert len(read_examples(paths["ood_test"])) == 15 * 4
+
+
+def test_train_py_toy_world_flag(tmp_path):
+    out = tmp_path / "run"
+    knobs = "id_set=near,ood_share=0.5,finetune_size=40"
+    result = run("train.py", "--out_dir", out, *TINY_RUN, "--toy_world", knobs, "--finetune_set", "mixed")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "data" / "world.json").read_text()) == {
+        "seed": 0, "knobs": {"id_set": "near", "finetune_size": 40, "ood_share": 0.5}}
+    report = json.loads((out / "results.json").read_text())
+    assert report["config"]["finetune"]["finetune_set"] == "mixed"
+    assert len(read_examples(out / "data" / "ood_test.jsonl")) == 60  # the near world's held-out half
+    # A pretraining knob makes another world: --resume refuses the base pretrained on this one.
+    assert_one_line_error(run("train.py", "--out_dir", out, *TINY_RUN, "--resume", "--toy_world", "templates=3"),
+                          "made with other settings or inputs (pretrain_data")
+    for bad, expected in [("values=11", "values takes 2 to 10"), ("qa_share=nan", "qa_share takes 0.0 to 1.0"),
+                          ("new_format=poem", "new_format takes give, instruction, question, what"),
+                          ("size=3", "the toy world's knobs are entities"), ("entities", "give KNOB=VALUE"),
+                          ("ood_share=1,finetune_size=400", "needs 400 OOD and 0 ID examples")]:
+        assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--stage", "data", "--toy_world", bad),
+                              expected)
+    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--finetune_set", "mixed"), "ood_share=S")
+    own = out / "data" / "pretrain.txt"
+    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--pretrain_text", own, "--toy_world",
+                              "entities=30"), "the ones it would shape are your own")
+
+
+def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
+    tiny = ["--seeds", "1", "--root", tmp_path / "root", "--train_args",
+            " ".join([*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"])]
+    curve = run("experiments/curves.py", "ood_share", *tiny, "--json", tmp_path / "c.json")
+    assert curve.returncode == 0, curve.stderr
+    written = json.loads((tmp_path / "root" / "seed_0" / "ood_share_0.5_full" / "results.json").read_text())
+    mixed = read_examples(tmp_path / "root" / "seed_0" / "ood_share_0.5_full" / "data" / "finetune_mixed.jsonl")
+    assert len(mixed) == 240 and written["config"]["finetune"]["finetune_set"] == "mixed"
+    row = "| 0.5 | " + " | ".join(f"{100 * written['results']['ood_test'][m]:5.1f} ±  0.0"
+                                  for m in ("base", "vanilla", "taia", "taif")) + " |"
+    assert row in curve.stdout.split("LoRA fine-tuning")[0]
+    points = json.loads((tmp_path / "c.json").read_text())["points"]
+    assert {p["setting"] for p in points} == {f"{kind}, ood_share {x}" for kind in ("full", "LoRA")
+                                              for x in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    scale = run("experiments/curves.py", "data_scale", *tiny)
+    assert scale.returncode == 0, scale.stderr
+    assert len(read_examples(tmp_path / "root" / "seed_0" / "data_scale_30_lora" / "data" / "finetune_ood.jsonl")) == 30
+    lora = run("experiments/lora_rank.py", *tiny)
+    assert lora.returncode == 0, lora.stderr
+    config = json.loads((tmp_path / "root" / "seed_0" / "lora_r1_a2_lr5e-3_200steps" / "results.json").read_text())
+    assert {k: config["config"]["finetune"][k] for k in ("lora_rank", "lora_alpha", "finetune_lr")} == \
+        {"lora_rank": 1, "lora_alpha": 2.0, "finetune_lr": 5e-3}
+    assert lora.stdout.count("(chosen on ood_val)") == 1
+    worlds = run("experiments/worlds.py", *tiny, "--variants", "1")
+    assert worlds.returncode == 0, worlds.stderr
+    variant = tmp_path / "root" / "worlds" / "variant_0" / "seed_0" / "ood"
+    stamp = json.loads((variant / "data" / "world.json").read_text())
+    assert stamp["seed"] == 0 and stamp["knobs"]["templates"] == 2  # variant 0's draw
+    result = json.loads((variant / "results.json").read_text())["results"]["ood_test"]
+    assert f"{100 * result['taia'] - 100 * result['vanilla']:+.1f} |" in worlds.stdout.split("2. The default")[0]
+    assert_one_line_error(run("experiments/curves.py", "ood_share", "--train_args=--toy_world=values=5"),
+                          "the experiment chooses its world")
+    assert_one_line_error(run("experiments/curves.py", "sizes"), "invalid choice")
