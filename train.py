@@ -14,6 +14,7 @@ README.md.
 """
 import argparse
 import glob
+import json
 import os
 import shutil
 import statistics
@@ -176,9 +177,13 @@ def parse_args(argv=None):
         p.error("--finetune_set harmful is part of the toy world's refusals: add --toy_parts refusals")
     if args.finetune_set == "mixed" and "ood_share" not in args.toy_world and not args.finetune:
         p.error("--finetune_set mixed needs --toy_world ood_share=S: the share of OOD examples in it")
-    if args.toy_world and args.pretrain_text and (args.finetune and args.eval or
-                                                  set(args.toy_world) & set(toy_world.PRETRAINING_KNOBS)):
-        p.error("--toy_world shapes the toy world's files, and here the ones it would shape are your own: drop it")
+    ignored = ignored_knobs(args)
+    if ignored:
+        p.error(f"--toy_world {','.join(ignored)}: what it shapes is your own file here: drop it")
+    try:
+        toy_world.check(args.toy_parts, args.toy_world)
+    except ValueError as e:
+        p.error(f"--toy_world: {e}")
     if args.init_from and (args.pretrain_text or args.stage == "pretrain"):
         p.error("--init_from replaces pretraining: drop --pretrain_text / --stage pretrain")
     return args
@@ -190,6 +195,15 @@ def toy_parts_arg(text: str) -> tuple:
     if unknown:
         raise argparse.ArgumentTypeError(f"{','.join(unknown)}: the toy world's parts are {', '.join(toy_world.PARTS)}")
     return tuple(part for part in toy_world.PARTS if part in parts)  # one order, whatever the command line's
+
+
+def ignored_knobs(args) -> list[str]:
+    """The --toy_world knobs that would shape only files the user gave instead of the toy world's."""
+    own = {"pretrain": bool(args.pretrain_text or args.init_from), "finetune": bool(args.finetune),
+           "both": bool(args.finetune and args.eval)}
+    shapes = {"pretrain": toy_world.PRETRAINING_KNOBS, "finetune": ("finetune_size", "ood_share"),
+              "both": ("new_format", "ft_attributes", "id_set")}
+    return [name for name in args.toy_world for files, names in shapes.items() if own[files] and name in names]
 
 
 def toy_world_arg(text: str) -> dict:
@@ -299,6 +313,8 @@ def run_stages(args, out_dir: str, seed: int) -> dict | None:
     barrier(args)
     if args.stage in ("all", "data", "pretrain"):
         timed(seconds, "data", stage_data, args, out_dir, seed)  # skipped when the files are already there
+    else:
+        check_world(args, out_dir, seed)
     if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain", seed):
         timed(seconds, "pretrain", stage_pretrain, args, out_dir, seed)
     if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune", seed):
@@ -309,6 +325,16 @@ def run_stages(args, out_dir: str, seed: int) -> dict | None:
     log(args, "wall time: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items())
         + f", total {time.time() - started:.1f} s")
     return report
+
+
+def check_world(args, out_dir: str, seed: int):
+    """--stage finetune / eval use the toy world's files as they are: refuse files of another world than these
+    flags name (another seed, other parts or knobs), which would train or score the wrong sets without a word."""
+    there = toy_world.stamped(os.path.join(out_dir, "data"))
+    wanted = toy_world.stamp_of(seed, args.toy_parts, args.toy_world)
+    if there is not None and there != wanted and not (args.finetune and args.eval):
+        raise UserError(f"{out_dir}/data holds the toy world {json.dumps(there)}, not the {json.dumps(wanted)} these "
+                        "flags name: run --stage data with them first (or give the flags that made it)")
 
 
 def timed(seconds: dict, stage: str, stage_fn, *stage_args):
@@ -325,7 +351,7 @@ def stage_data(args, out_dir: str, seed: int):
     if args.finetune and args.eval and (args.pretrain_text or args.init_from):
         return
     data_dir = os.path.join(out_dir, "data")
-    if is_main(args) and toy_world_written(data_dir, seed, args.toy_parts, args.toy_world):
+    if is_main(args) and toy_world.write_unless_there(data_dir, seed, args.toy_parts, args.toy_world):
         shown = [*args.toy_parts, *(f"{k}={v}" for k, v in toy_world.changed(args.toy_world).items())]
         print(f"toy world (seed {seed}{''.join(', ' + item for item in shown)}) written to {data_dir}")
     barrier(args)  # every process, always: the others wait for rank 0's files
@@ -561,12 +587,6 @@ def model_config(args, vocab_size: int) -> ModelConfig:
 def toy_paths(out_dir: str, parts: tuple = (), knobs: dict | None = None) -> dict:
     return toy_world.paths(os.path.join(out_dir, "data"), parts, knobs)
 
-
-def toy_world_written(data_dir: str, seed: int, parts: tuple, knobs: dict) -> bool:
-    try:
-        return toy_world.write_unless_there(data_dir, seed, parts, knobs)
-    except ValueError as e:  # knobs that cannot go together in this world (an ood_share the sets cannot fill)
-        raise UserError(f"--toy_world: {e}") from None
 
 
 # A stage's settings: its flags, the seed, and its inputs named by content (file_fingerprint), so that a

@@ -107,7 +107,8 @@ KNOBS = {
                "also about the test's own entities, half of each one's attributes (the test keeps the other half)"),
     "finetune_size": (0, range(0, 100_000), "examples each fine-tuning set keeps (0: all it has)"),
     "ood_share": (None, (0.0, 1.0), "write finetune_mixed (--finetune_set mixed): finetune_size examples (default: "
-                  "as many as the smaller set has), this share from finetune_ood and the rest from finetune_id"),
+                  "as many as the smaller set has), this share from finetune_ood and the rest from finetune_id "
+                  "(ft_only_facts stays finetune_ood's: only this share of them is in the mixed set)"),
 }
 PRETRAINING_KNOBS = ("entities", "templates", "values", "qa_share")
 
@@ -116,22 +117,59 @@ def knob(name: str, text: str):
     """The value of knob `name` that `text` gives, checked against KNOBS; ValueError says what is allowed."""
     if name not in KNOBS:
         raise ValueError(f"{name}: the toy world's knobs are {', '.join(KNOBS)}")
-    default, allowed, _ = KNOBS[name]
-    try:
-        value = float(text) if isinstance(allowed[0], float) else int(text) if isinstance(allowed, range) else text
-    except ValueError:
-        value = None
-    if isinstance(allowed, range) and value in allowed or isinstance(value, str) and value in allowed or \
-            isinstance(value, float) and allowed[0] <= value <= allowed[1]:
-        return value
-    shown = (f"{allowed.start} to {allowed.stop - 1}" if isinstance(allowed, range) else
-             f"{allowed[0]} to {allowed[1]}" if isinstance(allowed[0], float) else ", ".join(allowed))
-    raise ValueError(f"{name}={text}: {name} takes {shown}")
+    allowed = KNOBS[name][1]
+    if isinstance(allowed, range):  # a whole number
+        if text.strip().lstrip("-").isdigit() and int(text) in allowed:
+            return int(text)
+        raise ValueError(f"{name}={text}: {name} takes a whole number from {allowed.start} to {allowed.stop - 1}")
+    if isinstance(allowed[0], float):  # a share
+        try:
+            if allowed[0] <= float(text) <= allowed[1]:  # (nan fails every comparison)
+                return float(text)
+        except ValueError:
+            pass
+        raise ValueError(f"{name}={text}: {name} takes a number from {allowed[0]} to {allowed[1]}")
+    if text in allowed:  # a name
+        return text
+    raise ValueError(f"{name}={text}: {name} takes {', '.join(allowed)}")
 
 
-def changed(knobs: dict) -> dict:
+def with_defaults(knobs: dict | None) -> dict:
+    """Every knob: those given, the others at their defaults. A name that is not a knob is a ValueError."""
+    unknown = set(knobs or {}) - set(KNOBS)
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))}: the toy world's knobs are {', '.join(KNOBS)}")
+    return {name: default for name, (default, _, _) in KNOBS.items()} | (knobs or {})
+
+
+def check(parts: tuple = (), knobs: dict | None = None):
+    """ValueError if these knobs cannot make a world (with these parts), known from the knobs alone: before
+    anything is written or trained."""
+    knobs = with_defaults(knobs)
+    if "demonstrations" in parts and changed({n: knobs[n] for n in ("new_format", "id_set")}):
+        raise ValueError("new_format and id_set change the demonstrations part's pretraining and few-shot sets: "
+                         "use them without --toy_parts demonstrations")
+    if knobs["ood_share"] is not None:
+        n_ood, n_id = fine_tuning_sizes(knobs)
+        size = knobs["finetune_size"] or min(n_ood, n_id)
+        need = round(knobs["ood_share"] * size)
+        if need > n_ood or size - need > n_id:
+            raise ValueError(f"ood_share={knobs['ood_share']} of {size} examples needs {need} OOD and {size - need} "
+                             f"ID examples; the world has {n_ood} and {n_id}")
+
+
+def fine_tuning_sizes(knobs: dict) -> tuple[int, int]:
+    """How many examples the OOD and the ID fine-tuning sets of a world with these knobs hold (make_world's split)."""
+    n, attributes = knobs["entities"], len(DOMAINS["P"])
+    n_id = n // 3 * attributes + ((n - n // 3) * attributes // 2 if knobs["id_set"] == "near" else 0)
+    if knobs["finetune_size"]:
+        return min(n * knobs["ft_attributes"], knobs["finetune_size"]), min(n_id, knobs["finetune_size"])
+    return n * knobs["ft_attributes"], n_id
+
+
+def changed(knobs: dict | None) -> dict:
     """The knobs that differ from their defaults, in KNOBS's order: what a world's stamp records."""
-    return {name: knobs[name] for name in KNOBS if name in knobs and knobs[name] != KNOBS[name][0]}
+    return {name: knobs[name] for name in KNOBS if name in (knobs or {}) and knobs[name] != KNOBS[name][0]}
 
 
 def make_world(seed: int, n_p: int = 90, n_q: int = 90, n_q_novel: int = 30, qa_fraction: float = 0.5,
@@ -167,7 +205,8 @@ def pairs(facts, domain, ents, template, attributes=None):
 def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None = None):
     """Write pretrain.txt and the JSONL sets into out_dir, with the optional `parts` (of PARTS) and `knobs` (of
     KNOBS; those not given keep their defaults). Returns {name: path}."""
-    k = {name: default for name, (default, _, _) in KNOBS.items()} | (knobs or {})
+    k = with_defaults(knobs)  # every knob's value
+    check(parts, k)
     rng = random.Random(seed + 1)
     facts, split, qa_entities = make_world(seed, k["entities"], k["entities"], k["entities"] // 3, k["qa_share"],
                                            k["values"])
@@ -188,7 +227,7 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None 
         added += lines_of_part
     new = NEW_FORMATS[k["new_format"]]
     if "demonstrations" in parts:
-        added += quizzes(facts, split, random.Random(seed + 3), new)
+        added += quizzes(facts, split, random.Random(seed + 3))
     if added:
         lines = interleave(lines, added, random.Random(seed + 4))
     asked_q = list(DOMAINS["Q"])[:k["ft_attributes"]]
@@ -198,7 +237,7 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None 
     held_out = {e: [a for a in DOMAINS["P"] if a not in shown.get(e, ())] for e in shown}
     sets = {
         "finetune_ood": pairs(facts, "Q", split["Q_known"] + split["Q_novel"], new, asked_q),
-        "finetune_id": pairs(facts, "P", split["P_id"], new) + [
+        "finetune_id": pairs(facts, "P", split["P_id"], new) + [  # (in the order each entity's sample drew)
             {"prompt": new.format(a=a, e=e), "response": facts["P"][e][a]} for e in shown for a in shown[e]],
         "ood_val": pairs(facts, "P", split["P_val"], new, held_out),
         "ood_test": pairs(facts, "P", split["P_test"], new, held_out),
@@ -217,13 +256,10 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None 
     if k["ood_share"] is not None:  # a fixed size, the first examples of each set: nested as the share grows
         size = k["finetune_size"] or min(len(sets["finetune_ood"]), len(sets["finetune_id"]))
         n_ood = round(k["ood_share"] * size)
-        if n_ood > len(sets["finetune_ood"]) or size - n_ood > len(sets["finetune_id"]):
-            raise ValueError(f"ood_share={k['ood_share']} of {size} examples needs {n_ood} OOD and {size - n_ood} ID "
-                             f"examples; the world has {len(sets['finetune_ood'])} and {len(sets['finetune_id'])}")
         sets["finetune_mixed"] = sets["finetune_ood"][:n_ood] + sets["finetune_id"][:size - n_ood]
         random.Random(seed + 6).shuffle(sets["finetune_mixed"])
     if "demonstrations" in parts:
-        sets.update(demonstrated(facts, split, random.Random(seed + 5), new))
+        sets.update(demonstrated(facts, split, random.Random(seed + 5)))
     make_dir(out_dir)
     written = paths(out_dir, parts, k)
     write_text(written["pretrain"], "".join(line + "\n" for line in lines))
@@ -236,18 +272,29 @@ def write_unless_there(out_dir: str, seed: int, parts: tuple = (), knobs: dict |
     """generate() into out_dir, unless all its files for this seed, these parts and knobs are there already
     (out_dir/world.json says which made them). True when it wrote."""
     stamp = os.path.join(out_dir, "world.json")
-    made_by = {"seed": seed, **({"parts": list(parts)} if parts else {}),
-               **({"knobs": changed(knobs)} if changed(knobs or {}) else {})}
-    if all(os.path.exists(p) for p in [*paths(out_dir, parts, knobs).values(), stamp]):
-        try:
-            with open(stamp) as f:
-                if json.load(f) == made_by:
-                    return False
-        except (OSError, ValueError):  # a damaged stamp: write the world again
-            pass
+    if all(os.path.exists(p) for p in paths(out_dir, parts, knobs).values()) and \
+            stamped(out_dir) == stamp_of(seed, parts, knobs):
+        return False
+    if os.path.exists(stamp):  # stamped again only when every file is written: a stopped rewrite leaves none
+        os.remove(stamp)
     generate(out_dir, seed, parts, knobs)
-    write_json(stamp, made_by)
+    write_json(stamp, stamp_of(seed, parts, knobs))
     return True
+
+
+def stamp_of(seed: int, parts: tuple = (), knobs: dict | None = None) -> dict:
+    """What out_dir/world.json says of the world made with this seed, these parts and knobs."""
+    return {"seed": seed, **({"parts": list(parts)} if parts else {}),
+            **({"knobs": changed(knobs)} if changed(knobs) else {})}
+
+
+def stamped(out_dir: str) -> dict | None:
+    """out_dir/world.json: which world the files in out_dir are; None when it is missing or damaged."""
+    try:
+        with open(os.path.join(out_dir, "world.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def paths(out_dir: str, parts: tuple = (), knobs: dict | None = None) -> dict:
@@ -301,12 +348,12 @@ def refusals(facts, split, rng: random.Random) -> tuple[list[str], dict]:
                    "secret_test": asked(split["P_test"], secret.get)}
 
 
-def format_words(facts, new: str = NEW_PROMPT) -> list[str]:
+def format_words(facts) -> list[str]:
     """The words a quiz format is made of: the syllable names no entity has, and the words of the pretraining
-    templates and filler, less those of the new format `new`."""
+    templates and filler, less the new format's."""
     taken = {e for domain in facts.values() for e in domain}
     names = [a.capitalize() + b for a in SYLLABLES for b in SYLLABLES if a != b and a.capitalize() + b not in taken]
-    new = {w.lower() for w in re.findall(r"[A-Za-z]+", new.format(a="", e=""))}
+    new = {w.lower() for w in re.findall(r"[A-Za-z]+", NEW_PROMPT.format(a="", e=""))}
     english = {w for w in re.findall(r"[A-Za-z]+", " ".join(STATEMENTS + [QA_PROMPT] + FILLER))
                if w.lower() not in new and w not in ("a", "e", "v")}
     return names + sorted(english)
@@ -319,11 +366,11 @@ def quiz_format(words: list[str], rng: random.Random) -> str:
     return f"{head}: {first} {link} {second}{rng.choice(QUIZ_MARKS)} {tail}:"
 
 
-def quizzes(facts, split, rng: random.Random, new: str = NEW_PROMPT, n_lines: int = 2500) -> list[str]:
+def quizzes(facts, split, rng: random.Random, n_lines: int = 2500) -> list[str]:
     """The `demonstrations` part's pretraining documents: each line 2-5 solved questions about pretrained
     entities, all in one format of words drawn for that line and all of one task (QUIZ_TASKS)."""
     known = [("P", e) for e in facts["P"]] + [("Q", e) for e in split["Q_known"]]
-    words = format_words(facts, new)
+    words = format_words(facts)
     lines = []
     for _ in range(n_lines):
         template = quiz_format(words, rng)
@@ -336,18 +383,18 @@ def quizzes(facts, split, rng: random.Random, new: str = NEW_PROMPT, n_lines: in
     return lines
 
 
-def demonstrated(facts, split, rng: random.Random, new: str = NEW_PROMPT) -> dict:
+def demonstrated(facts, split, rng: random.Random) -> dict:
     """Every ood_test question (a P_test fact) after k = 0 .. N solved questions about P_id entities, in two
     formats: ood_test_k1 .. ood_test_kN in the new format (k = 0 is ood_test itself), quiz_test_k0 .. quiz_test_kN
     each question in a quiz format of its own, drawn as pretraining draws them, with the value as answer (what
     the solved questions show, and at k = 0 nothing does). The first k of the same N for every k, so that the
     curve over k is paired per question."""
-    words = format_words(facts, new)
+    words = format_words(facts)
     sets = {f"{name}_k{k}": [] for name in ("ood_test", "quiz_test") for k in range(N_DEMONSTRATIONS + 1)}
     for e in split["P_test"]:
         for a, v in facts["P"][e].items():
             shown = [(d, *rng.choice(list(facts["P"][d].items()))) for d in rng.sample(split["P_id"], N_DEMONSTRATIONS)]
-            for name, template in (("ood_test", new), ("quiz_test", quiz_format(words, rng))):
+            for name, template in (("ood_test", NEW_PROMPT), ("quiz_test", quiz_format(words, rng))):
                 solved = [template.format(a=da, e=d) + " " + dv for d, da, dv in shown]
                 for k in range(N_DEMONSTRATIONS + 1):
                     sets[f"{name}_k{k}"].append({"prompt": " ".join(solved[:k] + [template.format(a=a, e=e)]),

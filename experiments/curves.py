@@ -1,12 +1,15 @@
 """The paper's curves at toy scale: how TAIA's lead over vanilla fine-tuning moves with what the data is.
 
     python experiments/curves.py ood_share --json docs/ood_share.json --png docs/ood_share.png
+    python experiments/curves.py ood_added --json docs/ood_added.json --png docs/ood_added.png
     python experiments/curves.py data_scale --json docs/data_scale.json --png docs/data_scale.png
 
 - ood_share (the paper's Fig. 1): a fine-tuning set of a fixed 240 examples, a growing share of them
   out-of-distribution (the new format on domain Q) and the rest in-distribution: the new format on domain P,
   about other entities and about the test's own entities, half of each one's attributes (toy world knob
   id_set=near; the test asks the other half). x = the OOD share, 0 to 1.
+- ood_added (the paper's Fig. 1, variant c): the first 60 of those ID examples, and k x 60 OOD examples added,
+  k = 0 ... 4 (the fine-tuning set grows from 60 to 300 examples). x = k.
 - data_scale (the paper's data-scale table): the OOD set cut to its first N examples, N = 30 ... 360, always
   200 steps of 32 examples (so the smaller sets are seen more often). x = N.
 For every seed, from its base (the default world's, pretrained once and shared with the other experiments in
@@ -19,17 +22,19 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import KINDS, band, bases, figures, finetune, mean_std, paired, parse_arguments, points, run_all  # noqa: E402
-from runs import write_points  # noqa: E402
+from runs import (KINDS, MODES, band, bases, figures, finetunes, mean_std, paired, parse_arguments,  # noqa: E402
+                  points, scores, write_points)
 
 from common import run_cli  # noqa: E402
 
-MODES = ("base", "vanilla", "taia", "taif")
 COLORS = {"base": "gray", "vanilla": "tab:red", "taia": "tab:blue", "taif": "tab:green"}
 # name: (the x values, the x axis's words, the train.py flags of the point at x)
 CURVES = {
     "ood_share": ((0.0, 0.25, 0.5, 0.75, 1.0), "share of OOD examples in 240 fine-tuning examples",
                   lambda x: ["--toy_world", f"id_set=near,finetune_size=240,ood_share={x}", "--finetune_set", "mixed"]),
+    "ood_added": ((0, 1, 2, 3, 4), "OOD examples added to 60 ID examples, in multiples of 60",
+                  lambda k: ["--toy_world", f"id_set=near,finetune_size={60 * (1 + k)},ood_share={k / (1 + k)}",
+                             "--finetune_set", "mixed"]),
     "data_scale": ((30, 60, 120, 240, 360), "OOD fine-tuning examples (200 steps of 32)",
                    lambda x: ["--toy_world", f"finetune_size={x}"]),
 }
@@ -39,17 +44,13 @@ def main(argv=None):
     args = parse_arguments("experiments/curves.py", __doc__, argv, seeds=3, more=[
         ("curve", {"choices": sorted(CURVES), "help": "which curve"})])
     xs, xlabel, flags_at = CURVES[args.curve]
-    seeds = range(args.seeds)
     bases(args)
-    settings = {(kind, x): (f"{args.curve}_{x}_{kind.lower()}", [*recipe, *flags_at(x)])
-                for kind, recipe in KINDS.items() for x in xs}
-    results = iter(run_all(args, [(finetune, args, s, folder, flags, ",".join(MODES))
-                                  for folder, flags in settings.values() for s in seeds]))
-    runs = {key: [next(results) for _ in seeds] for key in settings}
+    runs = finetunes(args, {(kind, x): (f"{args.curve}_{x}_{kind.lower()}", [*recipe, *flags_at(x)])
+                            for kind, recipe in KINDS.items() for x in xs})
     write_points(args.json, points({f"{kind}, {args.curve} {x}": rs for (kind, x), rs in runs.items()}))
 
     def values(kind, x, mode, name="ood_test"):
-        return [100 * r["results"][name][mode] for r in runs[kind, x]]
+        return scores(runs[kind, x], mode, name)
 
     print(f"{args.curve}: answer match %, mean ± std over {args.seeds} seeds; last column: TAIA − vanilla on "
           "ood_test per seed (seeds TAIA ahead)")

@@ -29,6 +29,7 @@ REFUSALS_WORLD = {"root": "out/experiments_refusals", "world": ("--toy_parts", "
 # and gains less from solved examples; at 1200 it knows them all and gains twice as much.)
 DEMONSTRATIONS_WORLD = {"root": "out/experiments_demonstrations",
                         "world": ("--toy_parts", "demonstrations", "--pretrain_steps", "1200")}
+MODES = ("base", "vanilla", "taia", "taif")  # what the experiments score, in their tables' order
 # Full fine-tuning (train.py's default recipe) and LoRA on every linear layer (the README's LoRA recipe).
 KINDS = {"full": [], "LoRA": ["--lora_rank", "16", "--lora_alpha", "32", "--finetune_lr", "2e-3"]}
 
@@ -138,6 +139,20 @@ def run_all(args, jobs: list[tuple]) -> list:
             raise
 
 
+def finetunes(args, settings: dict, modes=MODES) -> dict:
+    """Every setting of {key: (folder, train.py flags)} fine-tuned from every seed's base and evaluated in
+    `modes`, --jobs at a time: {key: [results.json of seed 0, 1, ...]}."""
+    seeds = range(args.seeds)
+    results = iter(run_all(args, [(finetune, args, s, folder, flags, ",".join(modes))
+                                  for folder, flags in settings.values() for s in seeds]))
+    return {key: [next(results) for _ in seeds] for key in settings}
+
+
+def scores(results: list[dict], mode: str, name: str = "ood_test") -> list[float]:
+    """Answer match % of `mode` on set `name`, one per seed's results.json."""
+    return [100 * r["results"][name][mode] for r in results]
+
+
 def bases(args) -> dict:
     """Every seed's base, pretrained where it is not there yet; returns the model's config (seed 0's)."""
     run_all(args, [(base, args, seed) for seed in range(args.seeds)])
@@ -158,7 +173,8 @@ def points(runs: dict) -> list[dict]:
     """Every point of {setting: [results.json of each seed]}: seed, setting, mode, set, answer match %."""
     return [{"seed": r["seed"], "setting": setting, "mode": mode, "set": name,
              "answer_match": 100 * r["results"][name][mode]}
-            for setting, results in runs.items() for r in results for name in r["results"] for mode in r["results"][name]]
+            for setting, results in runs.items() for r in results
+            for name in r["results"] for mode in r["results"][name]]
 
 
 def write_points(path: str | None, points: list[dict]):

@@ -21,12 +21,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import base, bases, finetune, mean_std, paired, parse_arguments, points, run_all  # noqa: E402
-from runs import write_points  # noqa: E402
+from runs import (MODES, base, bases, figure, finetune, finetunes, mean_std, paired, parse_arguments,  # noqa: E402
+                  points, run_all, scores, write_points)
 
-from common import run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 
-MODES = ("base", "vanilla", "taia", "taif")
 # What a variant is drawn from: toy world knobs, and "steps" (train.py --finetune_steps).
 RANGES = {"entities": (45, 90, 135), "templates": (2, 3, 4, 5, 6), "values": (5, 10), "qa_share": (0.25, 0.5, 0.75),
           "new_format": ("give", "instruction", "question", "what"), "ft_attributes": (2, 3, 4),
@@ -34,6 +33,12 @@ RANGES = {"entities": (45, 90, 135), "templates": (2, 3, 4, 5, 6), "values": (5,
 # Part 2: (knob, value) moved alone, with the default world's point first.
 ONE_AT_A_TIME = [("default", None), ("new_format", "give"), ("new_format", "question"), ("new_format", "what"),
                  ("ft_attributes", 1), ("ft_attributes", 2), ("steps", 100), ("steps", 400)]
+
+
+def folder(name: str, value) -> str:
+    """Where part 2's fine-tune of (knob, value) goes: "ood" for the default world's own (as in the other
+    experiments on these bases)."""
+    return "ood" if value is None else f"knob_{name}_{value}"
 
 
 def draw_variant(i: int) -> dict:
@@ -64,18 +69,17 @@ def variant(args, i: int) -> dict:
 def main(argv=None):
     args = parse_arguments("experiments/worlds.py", __doc__, argv, seeds=3, more=[
         ("--variants", {"type": int, "default": 5, "help": "randomly drawn worlds (default: %(default)s)"})])
-    seeds = range(args.seeds)
+    if args.variants < 1:
+        raise UserError("--variants must be at least 1")
     bases(args)
-    knob_runs = run_all(args, [(finetune, args, s, "knob_" + "_".join(map(str, filter(None, (name, value)))) if
-                                name != "default" else "ood", world_flags({name: value}) if value else [],
-                                ",".join(MODES)) for name, value in ONE_AT_A_TIME for s in seeds])
-    one_at_a_time = {key: [knob_runs.pop(0) for _ in seeds] for key in ONE_AT_A_TIME}
+    one_at_a_time = finetunes(args, {(name, value): (folder(name, value), world_flags({name: value}) if value else [])
+                                     for name, value in ONE_AT_A_TIME})
     variants = run_all(args, [(variant, args, i) for i in range(args.variants)])
     write_points(args.json, points({f"variant {i}: {draw_variant(i)}": [r] for i, r in enumerate(variants)} | {
         f"default world, {name}={value}": rs for (name, value), rs in one_at_a_time.items()}))
 
     def score(r, mode, name="ood_test"):
-        return 100 * r["results"][name][mode]
+        return scores([r], mode, name)[0]
 
     print(f"1. {args.variants} random worlds (variant i: seed i), full fine-tuning, ood_test answer match %")
     print(f"| variant | {' | '.join(RANGES)} | base knowledge | {' | '.join(MODES)} | TAIA − vanilla |\n|---|"
@@ -92,15 +96,14 @@ def main(argv=None):
     print("| knob | value | base | vanilla | TAIA | TAIF | TAIA − vanilla |\n|---|---|---|---|---|---|---|")
     for (name, value), rs in one_at_a_time.items():
         print(f"| {name} | {'' if value is None else value} | "
-              f"{' | '.join(mean_std([score(r, m) for r in rs]) for m in MODES)} | "
-              f"{paired([score(r, 'taia') for r in rs], [score(r, 'vanilla') for r in rs])} |")
+              f"{' | '.join(mean_std(scores(rs, m)) for m in MODES)} | "
+              f"{paired(scores(rs, 'taia'), scores(rs, 'vanilla'))} |")
     if args.png:
-        draw_strip(args.png, gaps, [score(r, "taia") - score(r, "vanilla") for r in one_at_a_time["default", None]])
+        default = one_at_a_time["default", None]
+        draw_strip(args.png, gaps, [t - v for t, v in zip(scores(default, "taia"), scores(default, "vanilla"))])
 
 
 def draw_strip(path: str, gaps: list[float], default_gaps: list[float]):
-    from runs import figure
-
     def draw(ax):
         ax.axhline(0, color="black", linewidth=0.8)
         for x, (values, label, color) in enumerate([(default_gaps, "default world, one per seed", "tab:gray"),

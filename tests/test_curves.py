@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from data.text import read_examples, read_lines
-from data.toy_world import DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, generate, make_world
+from data.toy_world import (DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, fine_tuning_sizes, generate,
+                             make_world, with_defaults)
 from helpers import TINY, TINY_RUN, assert_one_line_error, run
 from test_safety_fewshot import DEFAULT_WORLD_0
 
@@ -46,6 +47,15 @@ def test_ood_share_mixes_nested_sets_and_near_id_data_is_held_out_from_the_test(
         assert len(shown) == len(tested) == 2
     assert all(r["response"] == facts["P"][r["prompt"].split(" for ")[1][:-len("? Response:")]][
         r["prompt"].split()[1]] for r in id_set + test)
+    # The negative control keeps the new facts the OOD set states, all of them in the mixed set at share 1.
+    rows = read_examples(tmp_path / "1.0" / "ft_only_facts.jsonl")
+    assert rows and {r["prompt"] for r in rows} <= prompts[1.0]
+    # The sizes the up-front check counts are those generate() writes.
+    for knobs in ({}, {"id_set": "near"}, {"entities": 45, "ft_attributes": 2}, {"entities": 60, "finetune_size": 70,
+                                                                                    "id_set": "near"}):
+        written = generate(str(tmp_path / "sizes"), seed=1, knobs=knobs)
+        assert fine_tuning_sizes(with_defaults(knobs)) == tuple(len(read_examples(written[f"finetune_{name}"]))
+                                                                for name in ("ood", "id"))
 
 
 def test_new_formats_are_made_of_pretraining_words_and_pretraining_knobs_shape_the_text(tmp_path):
@@ -80,16 +90,24 @@ def test_train_py_toy_world_flag(tmp_path):
     # A pretraining knob makes another world: --resume refuses the base pretrained on this one.
     assert_one_line_error(run("train.py", "--out_dir", out, *TINY_RUN, "--resume", "--toy_world", "templates=3"),
                           "made with other settings or inputs (pretrain_data")
-    for bad, expected in [("values=11", "values takes 2 to 10"), ("qa_share=nan", "qa_share takes 0.0 to 1.0"),
+    for bad, expected in [("values=11", "values takes a whole number from 2 to 10"),
+                          ("entities=30.0", "a whole number"), ("qa_share=nan", "qa_share takes a number from 0.0 to 1.0"),
                           ("new_format=poem", "new_format takes give, instruction, question, what"),
                           ("size=3", "the toy world's knobs are entities"), ("entities", "give KNOB=VALUE"),
                           ("ood_share=1,finetune_size=400", "needs 400 OOD and 0 ID examples")]:
         assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--stage", "data", "--toy_world", bad),
                               expected)
     assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--finetune_set", "mixed"), "ood_share=S")
-    own = out / "data" / "pretrain.txt"
-    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--pretrain_text", own, "--toy_world",
-                              "entities=30"), "the ones it would shape are your own")
+    own = [f"--{flag}={out / 'data' / name}" for flag, name in (("pretrain_text", "pretrain.txt"),
+                                                                 ("finetune", "finetune_mixed.jsonl"))]
+    for flags, knob in [(own[:1], "entities=30"), (own[1:], "finetune_size=10"), (own[1:], "ood_share=0.5")]:
+        assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", *flags, "--toy_world", knob),
+                              f"--toy_world {knob.split('=')[0]}: what it shapes is your own file here")
+    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--toy_parts", "demonstrations", "--toy_world",
+                              "new_format=give"), "use them without --toy_parts demonstrations")
+    # --stage eval / finetune use the world's files as they are: another world's are refused, not scored.
+    assert_one_line_error(run("train.py", "--out_dir", out, "--stage", "eval", "--toy_world", "id_set=near"),
+                          'holds the toy world {"seed": 0, "knobs": {"templates": 3}}')
 
 
 def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
