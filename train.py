@@ -14,7 +14,6 @@ README.md.
 """
 import argparse
 import glob
-import json
 import os
 import shutil
 import statistics
@@ -177,7 +176,8 @@ def parse_args(argv=None):
         p.error("--finetune_set harmful is part of the toy world's refusals: add --toy_parts refusals")
     if args.finetune_set == "mixed" and "ood_share" not in args.toy_world and not args.finetune:
         p.error("--finetune_set mixed needs --toy_world ood_share=S: the share of OOD examples in it")
-    ignored = ignored_knobs(args)
+    ignored = toy_world.ignored(args.toy_world, bool(args.pretrain_text or args.init_from), bool(args.finetune),
+                                bool(args.eval))
     if ignored:
         p.error(f"--toy_world {','.join(ignored)}: what it shapes is your own file here: drop it")
     try:
@@ -197,26 +197,11 @@ def toy_parts_arg(text: str) -> tuple:
     return tuple(part for part in toy_world.PARTS if part in parts)  # one order, whatever the command line's
 
 
-def ignored_knobs(args) -> list[str]:
-    """The --toy_world knobs that would shape only files the user gave instead of the toy world's."""
-    own = {"pretrain": bool(args.pretrain_text or args.init_from), "finetune": bool(args.finetune),
-           "both": bool(args.finetune and args.eval)}
-    shapes = {"pretrain": toy_world.PRETRAINING_KNOBS, "finetune": ("finetune_size", "ood_share"),
-              "both": ("new_format", "ft_attributes", "id_set")}
-    return [name for name in args.toy_world for files, names in shapes.items() if own[files] and name in names]
-
-
 def toy_world_arg(text: str) -> dict:
-    knobs = {}
-    for item in filter(None, text.split(",")):
-        name, equals, value = item.partition("=")
-        try:
-            if not equals:
-                raise ValueError(f"{item}: give KNOB=VALUE")
-            knobs[name.strip()] = toy_world.knob(name.strip(), value.strip())
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return knobs
+    try:
+        return toy_world.parse_knobs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def threads_arg(text: str):
@@ -314,7 +299,7 @@ def run_stages(args, out_dir: str, seed: int) -> dict | None:
     if args.stage in ("all", "data", "pretrain"):
         timed(seconds, "data", stage_data, args, out_dir, seed)  # skipped when the files are already there
     else:
-        check_world(args, out_dir, seed)
+        check_data(args, out_dir, seed)
     if args.stage in ("all", "pretrain") and not args.init_from and not finished(args, out_dir, "pretrain", seed):
         timed(seconds, "pretrain", stage_pretrain, args, out_dir, seed)
     if args.stage in ("all", "finetune") and not finished(args, out_dir, "finetune", seed):
@@ -325,16 +310,6 @@ def run_stages(args, out_dir: str, seed: int) -> dict | None:
     log(args, "wall time: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items())
         + f", total {time.time() - started:.1f} s")
     return report
-
-
-def check_world(args, out_dir: str, seed: int):
-    """--stage finetune / eval use the toy world's files as they are: refuse files of another world than these
-    flags name (another seed, other parts or knobs), which would train or score the wrong sets without a word."""
-    there = toy_world.stamped(os.path.join(out_dir, "data"))
-    wanted = toy_world.stamp_of(seed, args.toy_parts, args.toy_world)
-    if there is not None and there != wanted and not (args.finetune and args.eval):
-        raise UserError(f"{out_dir}/data holds the toy world {json.dumps(there)}, not the {json.dumps(wanted)} these "
-                        "flags name: run --stage data with them first (or give the flags that made it)")
 
 
 def timed(seconds: dict, stage: str, stage_fn, *stage_args):
@@ -355,6 +330,16 @@ def stage_data(args, out_dir: str, seed: int):
         shown = [*args.toy_parts, *(f"{k}={v}" for k, v in toy_world.changed(args.toy_world).items())]
         print(f"toy world (seed {seed}{''.join(', ' + item for item in shown)}) written to {data_dir}")
     barrier(args)  # every process, always: the others wait for rank 0's files
+
+
+def check_data(args, out_dir: str, seed: int):
+    """--stage finetune / eval take the toy world's files as they are: refuse those of another world than the
+    flags name (another seed, other parts or knobs), which would train or score the wrong sets without a word."""
+    if not (args.finetune and args.eval):
+        try:
+            toy_world.check_stamp(os.path.join(out_dir, "data"), seed, args.toy_parts, args.toy_world)
+        except ValueError as e:
+            raise UserError(f"{e}: run --stage data with them first (or give the flags that made it)") from None
 
 
 def stage_pretrain(args, out_dir: str, seed: int):
@@ -707,7 +692,7 @@ def remove_leftovers(out_dir: str):
     names = [*FILES.values(), FILES["tokenizer"] + ".new", *(state_path("", s) for s in ("pretrain", "finetune")),
              "summary.json", os.path.join("data", "world.json")]
     remove(*(os.path.join(out_dir, name + ".tmp") for name in names),
-           *(path + ".tmp" for path in toy_paths(out_dir, toy_world.PARTS, {"ood_share": 0.0}).values()))
+           *(path + ".tmp" for path in toy_world.every_path(os.path.join(out_dir, "data"))))
 
 
 def on_disk(out_dir: str) -> str:

@@ -134,6 +134,26 @@ def knob(name: str, text: str):
     raise ValueError(f"{name}={text}: {name} takes {', '.join(allowed)}")
 
 
+def parse_knobs(text: str) -> dict:
+    """{knob: value} of "NAME=VALUE,..." (train.py --toy_world); ValueError says what is wrong."""
+    knobs = {}
+    for item in filter(None, text.split(",")):
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"{item}: give KNOB=VALUE")
+        knobs[name.strip()] = knob(name.strip(), value.strip())
+    return knobs
+
+
+def ignored(knobs: dict, own_pretraining: bool, own_finetune: bool, own_eval: bool) -> list[str]:
+    """The knobs that would shape only files the user gave instead of the world's: the pretraining text, the
+    fine-tuning set, or (when the user gave the fine-tuning and the evaluation sets) every set the new format is in."""
+    shaped = {"pretraining": (PRETRAINING_KNOBS, own_pretraining),
+              "fine-tuning": (("finetune_size", "ood_share"), own_finetune),
+              "both": (("new_format", "ft_attributes", "id_set"), own_finetune and own_eval)}
+    return [name for name in knobs for names, own in shaped.values() if own and name in names]
+
+
 def with_defaults(knobs: dict | None) -> dict:
     """Every knob: those given, the others at their defaults. A name that is not a knob is a ValueError."""
     unknown = set(knobs or {}) - set(KNOBS)
@@ -286,6 +306,19 @@ def stamp_of(seed: int, parts: tuple = (), knobs: dict | None = None) -> dict:
     """What out_dir/world.json says of the world made with this seed, these parts and knobs."""
     return {"seed": seed, **({"parts": list(parts)} if parts else {}),
             **({"knobs": changed(knobs)} if changed(knobs) else {})}
+
+
+def check_stamp(out_dir: str, seed: int, parts: tuple = (), knobs: dict | None = None):
+    """ValueError when out_dir holds the files of another world than this seed, these parts and knobs name."""
+    there, wanted = stamped(out_dir), stamp_of(seed, parts, knobs)
+    if there is not None and there != wanted:
+        raise ValueError(f"{out_dir} holds the toy world {json.dumps(there)}, not the {json.dumps(wanted)} these "
+                         "flags name")
+
+
+def every_path(out_dir: str) -> list[str]:
+    """Every file any world (any parts, any knobs) may write into out_dir."""
+    return list(paths(out_dir, PARTS, {"ood_share": 0.0}).values())
 
 
 def stamped(out_dir: str) -> dict | None:

@@ -9,7 +9,7 @@ from data.text import read_examples, read_lines
 from data.toy_world import (DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, fine_tuning_sizes, generate,
                              make_world, with_defaults)
 from helpers import TINY, TINY_RUN, assert_one_line_error, run
-from test_safety_fewshot import DEFAULT_WORLD_0
+from test_safety_fewshot import DEFAULT_WORLD_0, entity
 
 
 def sha(path) -> str:
@@ -34,7 +34,7 @@ def test_ood_share_mixes_nested_sets_and_near_id_data_is_held_out_from_the_test(
         paths = generate(str(tmp_path / str(share)), seed=3, knobs={"id_set": "near", "finetune_size": 240,
                                                                      "ood_share": share})
         mixed[share] = read_examples(paths["finetune_mixed"])
-        ood = [r for r in mixed[share] if r["prompt"].split(" for ")[1][:-len("? Response:")] in facts["Q"]]
+        ood = [r for r in mixed[share] if entity(r["prompt"]) in facts["Q"]]
         assert len(mixed[share]) == 240 and len(ood) == round(share * 240)
     prompts = {share: {r["prompt"] for r in rows} for share, rows in mixed.items()}
     ood_part = {p for p in prompts[0.25] if p in prompts[1.0]}
@@ -42,11 +42,8 @@ def test_ood_share_mixes_nested_sets_and_near_id_data_is_held_out_from_the_test(
     id_set, test = (read_examples(paths[name]) for name in ("finetune_id", "ood_test"))
     assert not {r["prompt"] for r in id_set} & {r["prompt"] for r in test}
     for e in split["P_test"]:  # half of each test entity's attributes in the ID set, the other half tested
-        shown = [r for r in id_set if r["prompt"].endswith(f" for {e}? Response:")]
-        tested = [r for r in test if r["prompt"].endswith(f" for {e}? Response:")]
-        assert len(shown) == len(tested) == 2
-    assert all(r["response"] == facts["P"][r["prompt"].split(" for ")[1][:-len("? Response:")]][
-        r["prompt"].split()[1]] for r in id_set + test)
+        assert sum(entity(r["prompt"]) == e for r in id_set) == sum(entity(r["prompt"]) == e for r in test) == 2
+    assert all(r["response"] == facts["P"][entity(r["prompt"])][r["prompt"].split()[1]] for r in id_set + test)
     # The negative control keeps the new facts the OOD set states, all of them in the mixed set at share 1.
     rows = read_examples(tmp_path / "1.0" / "ft_only_facts.jsonl")
     assert rows and {r["prompt"] for r in rows} <= prompts[1.0]
