@@ -63,6 +63,17 @@ def make_dir(path: str):
         raise UserError(f"cannot create the folder {path}: {e.strerror or e}") from None
 
 
+def inside(folder: str, name: str) -> str:
+    """folder/name, for a name read from a file's contents (a shard index, a config): refused when it would
+    leave the folder (an absolute path, '..', a symbolic link out of it), so that a write built from it
+    never lands on a file elsewhere."""
+    path, root = os.path.join(folder, name), os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if os.path.isabs(name) or real == root or os.path.commonpath([root, real]) != root:
+        raise UserError(f"{name!r} is not a name inside the folder {folder}: refused (it would leave it)")
+    return path
+
+
 def save_checkpoint(path: str, obj: dict):
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         try:
