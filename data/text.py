@@ -1,12 +1,13 @@
-"""From files to token tensors: the sentencepiece tokenizer, JSONL examples, batches and the two
-batch samplers train.py draws from.
+"""From files to token tensors: the toy's sentencepiece tokenizer (reading any tokenizer: data/tokenizer.py),
+JSONL examples, batches and the two batch samplers train.py draws from.
 
 Formats (the toy world writes these; a user's own data takes the same form):
 - pretraining text: a plain UTF-8 file, one document per line (of any length);
 - examples: JSONL, one {"prompt": str, "response": str} object per line (Alpaca's
   {"instruction", "input", "output"} is accepted too). The model sees
   BOS + template(prompt) + " " + response + EOS, and the fine-tuning loss counts only the response and
-  EOS. The template is "{prompt}" (the prompt verbatim) unless train.py's --template says otherwise.
+  EOS. The template is train.py's --template, else a chat model's own chat format, else "{prompt}" (the
+  prompt verbatim).
 Only regular files are read. Text that UTF-8 cannot encode (a stray byte, a lone surrogate escaped in
 JSON) is refused with its file and line, before sentencepiece fails on it.
 """
@@ -18,6 +19,7 @@ import sentencepiece as spm
 import torch
 
 from common import UserError, write_text
+from data.tokenizer import load_tokenizer  # noqa: F401 (the programs' one way to read a tokenizer file)
 
 
 def check_utf8(text: str, where: str) -> str:
@@ -125,15 +127,6 @@ def train_tokenizer(lines: list[str], path: str, vocab_size: int):
     except RuntimeError as e:  # e.g. a vocabulary too small for the text's characters
         raise UserError(f"cannot train the tokenizer: {str(e).splitlines()[0]}") from None
     write_text(path, buffer.getvalue(), mode="wb")
-
-
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(path):
-        raise UserError(f"tokenizer not found: {path}")
-    try:
-        return spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as e:
-        raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
 
 
 def token_stream(lines: list[str], sp) -> torch.Tensor:
