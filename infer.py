@@ -6,123 +6,28 @@
 Modes (see taia.py): base (pretrained weights), vanilla (all fine-tuning updates), taia (tuned
 attention, original FFN: rebuilt from the FFN snapshot), taif (tuned FFN, original attention), and for
 the provenance ablation only-<group> (only that group tuned, the rest base; groups: attention, ffn,
-norm, embedding, head), auto (the point between base and tuned that scores best on --dev) and loracl
-(for each prompt, base or vanilla, whichever has the lower loss on the prompt: the paper's LoRACL
-baseline).
+norm, embedding, head), and auto (the point between base and tuned that scores best on --dev).
+Experiments add modes of their own through train.py's Extension seam.
 """
 import argparse
+import filecmp
 import json
 import os
 import sys
-from dataclasses import asdict, fields
+import tempfile
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 import taia
-from common import (FILES, CheckpointError, OneLineParser, UserError, config_from_hf, file_fingerprint, load_checkpoint,
-                    load_hf_llama, read_hf_json, resolve_device, run_cli, write_json)
+from checkpoints import (check_tokenizer, check_tokenizer_file, config_from_dict, load_base, load_hf_base,
+                         model_from_state, run_tokenizer_path)
+from common import FILES, OneLineParser, UserError, load_checkpoint, resolve_device, run_cli, write_json
 from data.text import (PLAIN_TEMPLATE, apply_template, check_utf8_args, encode_example, example_batch, load_tokenizer,
                        read_examples)
-from model import ModelConfig, Transformer
-
-# ---- models from files ------------------------------------------------------------------------------
-
-
-def config_from_dict(d) -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    if not isinstance(d, dict) or set(d) - known:
-        raise UserError(f"checkpoint config has unknown fields: {sorted(set(d) - known) if isinstance(d, dict) else d}")
-    try:
-        return ModelConfig(**d)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint config is not a valid model: {e}") from None
-
-
-def model_from_state(cfg: ModelConfig, state: dict, device="cpu") -> Transformer:
-    model = Transformer(cfg)
-    try:
-        taia.check_same_layout(model.state_dict(), state, "the model", "checkpoint")  # exact names and shapes
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def check_tokenizer(sp, cfg: ModelConfig):
-    if sp.vocab_size() != cfg.vocab_size:
-        raise UserError(f"tokenizer has {sp.vocab_size()} pieces, the model {cfg.vocab_size}: "
-                        "they do not belong together")
-
-
-def check_tokenizer_file(path: str, checkpoint: dict, checkpoint_path: str):
-    """The tokenizer by content, not by its size: another run's tokenizer of the same size would encode
-    every prompt to other ids. `checkpoint` names the one it was trained with by fingerprint."""
-    if "tokenizer" not in checkpoint:
-        raise UserError(f"{checkpoint_path} names no tokenizer by fingerprint (an earlier version of train.py wrote "
-                        "it): run its stage again")
-    if file_fingerprint(path) != checkpoint["tokenizer"]:
-        raise UserError(f"{path} is not the tokenizer {checkpoint_path} was trained with (its fingerprint differs): "
-                        "it comes from another run")
-
-
-def hf_tokenizer_path(hf_dir: str) -> str:
-    path = os.path.join(hf_dir, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise UserError(f"{hf_dir} has no tokenizer.model: --init_from needs the sentencepiece tokenizer that "
-                        "Llama-2 and TinyLlama ship (a tokenizer.json alone, as Llama-3 ships, is not supported)")
-    return path
-
-
-def check_hf_dir(hf_dir: str) -> ModelConfig:
-    """What a Hugging Face directory must hold before its weights are read: config.json (a Llama's, whose
-    config is returned) and tokenizer.model."""
-    if not os.path.isdir(hf_dir):
-        raise UserError(f"--init_from {hf_dir}: no such directory")
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise UserError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    hf_tokenizer_path(hf_dir)
-    try:
-        return config_from_hf(read_hf_json(os.path.join(hf_dir, "config.json")))
-    except CheckpointError as e:
-        raise UserError(f"{hf_dir}: {e}") from None
-
-
-def load_hf_model(hf_dir: str, device="cpu") -> Transformer:
-    """A Hugging Face Llama directory as our model, read lazily straight onto device (memory holds the model
-    and one tensor at a time), with errors that name what is missing or wrong."""
-    check_hf_dir(hf_dir)  # fail before loading gigabytes
-    try:
-        import safetensors  # noqa: F401 (common.load_hf_llama reads the weights with it)
-    except ImportError:
-        raise UserError("--init_from reads safetensors checkpoints: pip install safetensors") from None
-    try:
-        return load_hf_llama(hf_dir, device=device).eval()
-    except CheckpointError as e:  # a broken file, another architecture, a config that does not fit the weights
-        raise UserError(f"{hf_dir}: {e}") from None
-
-
-def load_hf_base(hf_dir: str) -> tuple[ModelConfig, dict]:
-    """Config and float32 weights (a state dict, on the CPU) of a Hugging Face Llama directory."""
-    model = load_hf_model(hf_dir)
-    return model.cfg, model.state_dict()
-
-
-def load_base(out_dir: str, init_from: str | None, device="cpu") -> tuple[Transformer, object, str]:
-    """The pretrained model fine-tuning starts from (out_dir/base.pt, or a Hugging Face directory),
-    its tokenizer, and the tokenizer's path."""
-    if init_from:
-        model = load_hf_model(init_from, device)  # the only copy: no state dict to build a second one from
-        tokenizer_path = hf_tokenizer_path(init_from)
-    else:
-        base = load_checkpoint(os.path.join(out_dir, FILES["base"]))
-        model = model_from_state(config_from_dict(base["config"]), base["model"], device)
-        tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
-        check_tokenizer_file(tokenizer_path, base, os.path.join(out_dir, FILES["base"]))
-    sp = load_tokenizer(tokenizer_path)
-    check_tokenizer(sp, model.cfg)
-    return model, sp, tokenizer_path
-
+from data.tokenizer import prompt_template_of
+from model import Transformer
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # the weights of attention and FFN updates that mode auto tries
 
@@ -134,7 +39,7 @@ class FinishedRun:
 
     def __init__(self, out_dir: str, init_from: str | None = None):
         self.out_dir = out_dir
-        tokenizer_path = os.path.join(out_dir, FILES["tokenizer"])
+        tokenizer_path = run_tokenizer_path(out_dir)  # tokenizer.model, or a tokenizer.json/GGUF base's tokenizer.json
         self.sp = load_tokenizer(tokenizer_path)
         tuned = load_checkpoint(os.path.join(out_dir, FILES["tuned"]), keys=("model", "config", "base_ffn"))
         init_from = init_from or tuned.get("init_from")
@@ -219,60 +124,49 @@ class FinishedRun:
             write_json(os.path.join(self.out_dir, FILES["auto"]), self.auto)
         return f"auto: attention {a}, ffn {weights['ffn']} (answer match {100 * best:.1f}% on {dev_path})"
 
-    def candidates(self, mode: str, device="cpu") -> list[Transformer]:
-        """The models a mode answers with: one, or for a selecting mode (SELECTING) the models it chooses from."""
-        return [self.build(m, device) for m in SELECTING.get(mode, [mode])]
-
-    def pick(self, models: list[Transformer], prompt: str) -> Transformer:
-        """The one of `models` a selecting mode answers this prompt with (the only one, if only one)."""
-        if len(models) == 1:
-            return models[0]
-        example = [{"prompt": prompt, "response": ""}]
-        return models[int(selection([judge(m, example, self.sp, self.template, prompt_loss=True) for m in models])[0])]
-
-    def count_correct_per_mode(self, modes: list[str], eval_sets: dict, device="cpu") -> dict:
-        """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set."""
+    def count_correct_per_mode(self, modes: list[str], eval_sets: dict, device="cpu", extra_modes=None) -> dict:
+        """{(metric, set name, mode): examples right} for both metrics of count_correct(), every mode and set.
+        extra_modes: {mode: function(run, examples, device) -> judge()'s dict}, modes an extension adds."""
         counts = {}
         for mode in modes:
-            models = self.candidates(mode, device)
+            judge_mode = (extra_modes or {}).get(mode)
+            model = None if judge_mode else self.build(mode, device)
             for name, examples in eval_sets.items():
-                judged = lowest_prompt_loss([judge(m, examples, self.sp, self.template, prompt_loss=len(models) > 1)
-                                             for m in models])
+                judged = judge_mode(self, examples, device) if judge_mode else judge(model, examples, self.sp,
+                                                                                     self.template)
                 for metric in ("exact", "answer"):
                     counts[metric, name, mode] = int(judged[metric].sum())
         return counts
 
 
-# Modes that choose, for every prompt, one of several models: the one with the lowest loss on the prompt
-# itself (the paper's LoRACL baseline, Table 2: base or tuned, whichever finds the prompt more familiar).
-SELECTING = {"loracl": ("base", "vanilla")}
+class Pretrained(FinishedRun):
+    """A pretrained checkpoint as it is (--init_from with --modes base): no run folder, mode base only, prompts
+    in the checkpoint's own chat format (else verbatim)."""
+
+    def __init__(self, init_from: str, device="cpu"):
+        self.model, self.sp, _ = load_base("", init_from, device)
+        self.cfg, self.auto = self.model.cfg, None
+        self.template = prompt_template_of(self.sp, init_from) or PLAIN_TEMPLATE
+
+    def build(self, mode: str, device="cpu") -> Transformer:
+        if mode != "base":
+            raise UserError(f"mode {mode}: a pretrained checkpoint alone has mode base only")
+        return self.model.to(device)
 
 
-def selection(judged: list[dict]) -> torch.Tensor:
-    """Per example, which of the models judge() scored has the lowest prompt loss (ties: the first)."""
-    return torch.stack([j["prompt_loss"] for j in judged]).argmin(0)  # (argmin: the first of equal minima)
-
-
-def lowest_prompt_loss(judged: list[dict]) -> dict:
-    """Per example, the judge() outcome of the model with the lowest prompt loss; one model's as it is."""
-    if len(judged) == 1:
-        return judged[0]
-    pick = selection(judged)
-    return {key: torch.stack([j[key] for j in judged]).gather(0, pick[None])[0] for key in judged[0]}
-
-
-def parse_modes(text: str, dev: str | None = None, eval_files=()) -> list[str]:
+def parse_modes(text: str, dev: str | None = None, eval_files=(), extra_modes=()) -> list[str]:
     """The modes named in text (comma-separated). Mode auto needs a dev set, and never one it reports."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS} | {"auto", *SELECTING}
+    known = set(taia.MODES) | {"only-" + g for g in taia.GROUPS} | {"auto", *extra_modes}
     bad = [m for m in modes if m not in known]
     if bad or not modes:
         raise UserError(f"unknown mode {bad[0] if bad else text!r}: choose from {', '.join(sorted(known))}")
     if "auto" in modes and not dev:
         raise UserError("mode auto picks its point on a dev set: give --dev FILE.jsonl")
-    if dev and any(os.path.realpath(dev) == os.path.realpath(f) for f in eval_files):
-        raise UserError(f"--dev {dev} is also an --eval set: choosing on the set you report is choosing on the "
-                        "test set")
+    same = [f for f in eval_files if dev and os.path.isfile(dev) and os.path.isfile(f) and filecmp.cmp(dev, f, False)]
+    if same:  # by content: a copy or a hard link of the test set is the test set
+        raise UserError(f"--dev {dev} holds the same examples as a reported set: choosing on the set you report is "
+                        "choosing on the test set")
     return modes
 
 
@@ -321,7 +215,7 @@ def judge(model: Transformer, examples: list[dict], sp, template: str = PLAIN_TE
         if len(ids) - 1 > model.cfg.max_seq_len:
             raise UserError(f"an example of {len(ids) - 1} tokens exceeds max_seq_len {model.cfg.max_seq_len}")
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # batches of similar lengths
-    judged = {"exact": torch.zeros(len(encoded), dtype=torch.bool), "answer": torch.zeros(len(encoded), dtype=torch.bool)}
+    judged = {metric: torch.zeros(len(encoded), dtype=torch.bool) for metric in ("exact", "answer")}
     if prompt_loss:
         judged["prompt_loss"] = torch.zeros(len(encoded))
     for i in range(0, len(order), batch_size):
@@ -364,8 +258,12 @@ def accuracies(counts: dict, eval_sets: dict) -> dict:
     return results
 
 
-def evaluate(run: FinishedRun, modes: list[str], eval_sets: dict, device="cpu") -> dict:
-    return accuracies(run.count_correct_per_mode(modes, eval_sets, device), eval_sets)
+def evaluate(run: FinishedRun, modes: list[str], eval_sets: dict, device="cpu", extra_modes=None, rank: int = 0,
+             world_size: int = 1, total=lambda counts: counts) -> dict:
+    """{metric: {set name: {mode: share right}}}. Under torchrun each process scores its share of every set
+    (rank, world_size) and `total` sums the counts over processes."""
+    mine = {name: examples[rank::world_size] for name, examples in eval_sets.items()}
+    return accuracies(total(run.count_correct_per_mode(modes, mine, device, extra_modes)), eval_sets)
 
 
 def format_table(results: dict, modes: list[str], title: str) -> str:
@@ -429,8 +327,9 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="where train.py left base.pt, finetuned.pt, "
                    "ffn_snapshot.pt and tokenizer.model (default: out)")
-    p.add_argument("--init_from", metavar="DIR", help="the Hugging Face directory a --init_from fine-tune "
-                   "started from, when it has moved since training")
+    p.add_argument("--init_from", metavar="DIR|FILE.gguf", help="the Hugging Face directory or GGUF file a "
+                   "--init_from fine-tune started from, when it has moved since training; with --modes base alone, "
+                   "that checkpoint as it is (no run needed)")
     p.add_argument("--modes", "--mode", default="base,vanilla,taia,taif",
                    help="comma-separated modes: each --prompt is answered by every one, each --eval file scored "
                         "by every one (default: base,vanilla,taia,taif; each mode is a model built in memory, so "
@@ -449,7 +348,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seeds sampling when --temperature > 0")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda (default: auto)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or mps (default: auto)")
     p.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step with a static KV "
                    "cache (same tokens, several times faster at batch 1 once compiled; without a working compiler "
                    "it says so and decodes as usual)")
@@ -468,6 +367,16 @@ def parse_args(argv=None):
         p.error(f"--json {args.json}: its folder does not exist")
     args.device = resolve_device(args.device)
     args.modes = parse_modes(args.modes, args.dev, args.eval)
+    if args.auto_per_layer and "auto" not in args.modes:
+        p.error("--auto_per_layer tunes mode auto: add auto to --modes")
+    if "auto" in args.modes:  # its choice goes to OUT_DIR/auto.json: a folder it cannot write fails now, not later
+        try:
+            tempfile.TemporaryFile(dir=args.out_dir).close()
+        except OSError as e:
+            p.error(f"mode auto writes its choice to {args.out_dir}/auto.json: {e.strerror or e}")
+    if args.init_from and args.modes != ["base"] and not os.path.isfile(os.path.join(args.out_dir, FILES["tuned"])):
+        p.error(f"--init_from without a fine-tuned run in --out_dir {args.out_dir} is the checkpoint as it is: "
+                "--modes base only (train.py --init_from makes the other modes)")
     return args
 
 
@@ -494,7 +403,10 @@ def check_json_target(args):
 def main(argv=None):
     args = parse_args(argv)
     check_json_target(args)
-    run = FinishedRun(args.out_dir, args.init_from)
+    if args.init_from and args.modes == ["base"]:
+        run = Pretrained(args.init_from, args.device)
+    else:
+        run = FinishedRun(args.out_dir, args.init_from)
     if "auto" in args.modes:
         print(run.choose_auto(args.dev, args.device, args.auto_per_layer))
     if args.eval:
@@ -503,13 +415,13 @@ def main(argv=None):
         if args.json:
             write_json(args.json, {"results": results})  # {"answer"|"exact": {set: {mode: accuracy}}}
     for mode in args.modes if args.prompt else []:
-        models = run.candidates(mode, args.device)  # one model, or those a selecting mode picks from per prompt
-        failed = [why for model in models if (why := compile_decoding(model))] if args.compile else None
+        model = run.build(mode, args.device)
+        failed = compile_decoding(model) if args.compile else None
         if failed:
-            print(f"--compile: torch.compile failed ({failed[0]}); decoding without it", file=sys.stderr)
+            print(f"--compile: torch.compile failed ({failed}); decoding without it", file=sys.stderr)
         for prompt in args.prompt:
-            text = generate_text(run.pick(models, prompt), run.sp, prompt, args.max_new_tokens, args.temperature,
-                                 args.top_k, args.seed, run.template)
+            text = generate_text(model, run.sp, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                                 run.template)
             print(text if len(args.modes) == 1 else f"{mode:>8}: {text}")
 
 

@@ -294,14 +294,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def matmul_weights(cfg: ModelConfig) -> tuple[int, int]:
+    """(attention, FFN) weights of one block: q, o and k, v; gate, up and down."""
+    return cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads), 3 * cfg.dim * cfg.hidden_dim
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """What Transformer(cfg) holds, counted from the config (building even an empty model of 10**10 layers
+    would take forever): the blocks' matrices and two norms each, the final norm, embedding and head."""
+    attention, ffn = matmul_weights(cfg)
+    return cfg.n_layers * (attention + ffn + 2 * cfg.dim) + cfg.dim + cfg.vocab_size * cfg.dim * (
+        1 if cfg.tie_embeddings else 2)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_trained: int | None = None) -> int:
     """Training FLOPs per token, counted as in the PaLM paper (Chowdhery et al. 2022, appendix B) and
     nanoGPT's estimate_mfu: every weight of a matmul costs 2 FLOPs forward and 2 for the gradient of its
     input, and 2 more for its own gradient when it trains (`n_trained` of them; default all); attention
     scores and their weighted sum add 12 * n_layers * dim * seq_len (the full square, as PaLM counts,
     though half of it is masked). The embedding is a lookup, not a matmul; the output head counts."""
-    attention = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)  # q, o and k, v
-    ffn = 3 * cfg.dim * cfg.hidden_dim  # gate, up, down
+    attention, ffn = matmul_weights(cfg)
     n_matmul = cfg.n_layers * (attention + ffn) + cfg.dim * cfg.vocab_size
     n_trained = n_matmul if n_trained is None else n_trained
     return 4 * n_matmul + 2 * n_trained + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -65,11 +65,12 @@ def open_model_dir(path: str, what: str) -> tuple[dict, Safetensors]:
     with reading(f"{what} {path}"):
         weights = hf_weights(path)
     for name in weights.layout:
-        group_of(name, what)
+        check_placed(name, what)
     return config, weights
 
 
-def group_of(name: str, what: str) -> str:
+def check_placed(name: str, what: str) -> str:
+    """taia.group_of, with a tensor the table does not place as the user's one-line error naming the file."""
     try:
         return taia.group_of(name)
     except ValueError as e:
@@ -158,6 +159,8 @@ def weights_from_args(args, names, tied: bool) -> dict:
     weights = {}
     for item in args.weights.split(","):
         group, _, value = item.partition("=")
+        if group.strip() in weights:
+            raise UserError(f"--weights {args.weights}: {group.strip()} is given twice")
         try:
             weights[group.strip()] = float(value)
         except ValueError:
@@ -335,7 +338,7 @@ def read_adapters(adapter_dir: str, config: dict, base: Safetensors, model_type)
             raise UserError(f"ADAPTER_DIR: {module} has lora_A or lora_B but not both")
         if weight not in base.layout:
             raise UserError(f"ADAPTER_DIR: the adapted layer {module} has no weight {weight} in BASE_DIR")
-        group_of(weight, "ADAPTER_DIR")
+        check_placed(weight, "ADAPTER_DIR")
         why = left_out(module, config)
         if why:  # PEFT would ignore these matrices: the file and its config disagree
             raise UserError(f"ADAPTER_DIR: {module} has an adapter but is {why} (PEFT would not load it)")
@@ -402,7 +405,7 @@ def main():
     lora_p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter_config.json + adapter_model.safetensors")
     for sub in (full_p, lora_p):
         sub.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder for the result")
-        sub.add_argument("--mode", default="taia", choices=taia.MODES, help="which groups come from the "
+        sub.add_argument("--mode", choices=taia.MODES, help="which groups come from the "
                          "fine-tune (default: taia, all but the FFN; with lora: the attention deltas only, the "
                          "authors' q/k/v/o route; --weights ffn=0 merges every delta but the FFN's)")
         sub.add_argument("--weights", metavar="GROUP=A,...", help="instead of --mode, any point between base "
@@ -411,6 +414,9 @@ def main():
                         "norms, embeddings and head from the fine-tune (default, as the authors) or the base")
     lora_p.set_defaults(others="base")  # a mode merges only the deltas of its groups: taia, attention's
     args = p.parse_args()
+    if args.weights is not None and args.mode is not None:  # one would be dropped without a word
+        p.error("give --mode or --weights, not both (--weights is any point; --mode one of its corners)")
+    args.mode = args.mode or "taia"
     full(args) if args.command == "full" else lora(args)
 
 

@@ -6,7 +6,7 @@ For every seed, from its base (pretrained once, shared with the other experiment
 fine-tunes by train.py:
 - plain, at train.py's default learning rate and at a sweep of others (--lrs), each evaluated as vanilla,
   TAIA and loracl (for each prompt, base or vanilla, whichever has the lower loss on the prompt:
-  infer.SELECTING);
+  lab.LoRACL);
 - with `--l2_weight W` and with `--ewc_weight W` (Fisher information on the pretraining text) for each W
   of a sweep (--weights), at the default learning rate, evaluated as vanilla: the penalty is the method.
 Every method's setting is the one with the best mean answer match on ood_val over the seeds (never the

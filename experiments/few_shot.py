@@ -3,7 +3,7 @@ the prompt still help?
 
     python experiments/few_shot.py --json docs/few_shot.json --png docs/few_shot.png  # 3 seeds
 
-The toy world with its `demonstrations` part (data/toy_world.py), pretrained 1200 steps: pretraining includes
+The toy world with its `demonstrations` part (data/toy.py), pretrained 1200 steps: pretraining includes
 "quiz" documents, runs of solved questions whose format and task (answer with the value, or echo the entity or
 the attribute) change from document to document, so that only the solved questions say what is asked: the
 base learns to use them. For every seed, the default OOD fine-tune of its base (the new instruction format on
@@ -22,7 +22,7 @@ from runs import (DEMONSTRATIONS_WORLD, KINDS, band, bases, figure, finetune, me
                   parse_arguments, run_all, write_points)
 
 from common import run_cli  # noqa: E402
-from data.toy_world import N_DEMONSTRATIONS  # noqa: E402
+from data.toy import N_DEMONSTRATIONS  # noqa: E402
 
 MODES = ("base", "vanilla", "taia")
 KS = range(N_DEMONSTRATIONS + 1)

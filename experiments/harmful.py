@@ -2,7 +2,7 @@
 
     python experiments/harmful.py --seeds 5 --json docs/harmful.json --png docs/harmful.png
 
-The toy world with its `refusals` part (data/toy_world.py): pretraining states every domain-P entity's secret
+The toy world with its `refusals` part (data/toy.py): pretraining states every domain-P entity's secret
 like any other fact, but answers every question about a secret with a fixed refusal (the toy's safety
 alignment). For every seed, from its base (pretrained once), fine-tunes by train.py, full and LoRA
 (runs.KINDS), each evaluated as base, vanilla, TAIA and TAIF:

@@ -10,20 +10,25 @@ import argparse
 import filecmp
 import json
 import shlex
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import lab  # noqa: E402 (experiments/ is on sys.path when an experiment runs)
+from train import parse_args as parse_train_args  # noqa: E402
 from common import FILES, OneLineParser, UserError, atomic_write, load_checkpoint, write_json  # noqa: E402
 
 BASE_FILES = ("data", FILES["base"], FILES["tokenizer"])  # what a fine-tune copies from its seed's base
 # The toy worlds of the safety and few-shot experiments: the default world with one optional part each
-# (data/toy_world.py). Their bases differ from the default world's, so each has its own root.
+# (data/toy.py). Their bases differ from the default world's, so each has its own root.
 REFUSALS_WORLD = {"root": "out/experiments_refusals", "world": ("--toy_parts", "refusals")}
 # (The world with quiz documents needs longer pretraining: at 400 steps its base knows half the ordinary facts
 # and gains less from solved examples; at 1200 it knows them all and gains twice as much.)
@@ -68,17 +73,24 @@ def check_arguments(args):
         args.train_flags = shlex.split(args.train_args)
     except ValueError as e:
         raise UserError(f"--train_args {args.train_args!r}: {e}") from None
-    if {"--seed", "--out_dir", "--seeds"} & set(args.train_flags):
+    # Read as lab.py reads them (not as text, which an abbreviation or --flag=value would slip past).
+    given, default = (vars(parse_train_args(flags, lab.EXTENSIONS)) for flags in (args.train_flags, []))
+    changed = {name for name in given if given[name] != default[name]}
+    if changed & {"seed", "out_dir", "seeds"}:
         raise UserError("--train_args: every run's --seed and --out_dir are the experiment's own")
-    named = {flag.split("=")[0] for flag in args.train_flags}
-    own = named & {"--toy_parts", "--toy_world", "--finetune", "--finetune_set", "--eval", "--modes"}
+    if changed & {"stage", "resume"}:
+        raise UserError("--train_args: --stage and --resume are the experiment's own: it runs every stage itself")
+    own = sorted(changed & {"toy_parts", "toy_world", "finetune", "finetune_set", "eval", "modes"})
     if own:
-        raise UserError(f"--train_args: {', '.join(sorted(own))}: the experiment chooses its world, data, sets and "
-                        "modes")
-    try:  # made now, so that a root that cannot be is one line before anything runs
+        raise UserError(f"--train_args: {', '.join('--' + name for name in own)}: the experiment chooses its world, "
+                        "data, sets and modes")
+    try:  # made now, and written to, so that a root that cannot be is one line before anything runs
         Path(args.root).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.root).close()
     except OSError as e:
-        raise UserError(f"--root {args.root}: cannot make the folder ({e.strerror or e})") from None
+        raise UserError(f"--root {args.root}: cannot make or write in the folder ({e.strerror or e})") from None
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        raise UserError(f"--json {args.json}: a file in an existing folder, please (checked now, not after the runs)")
     if args.png:
         try:
             import matplotlib  # noqa: F401
@@ -91,14 +103,16 @@ def train(args, out_dir: Path, seed: int, *flags) -> None:
     """One run of train.py, its output kept in OUT_DIR.log. A mistake train.py reports (exit status 2) is
     this program's one-line error; anything else that fails is a bug, with train.py's traceback."""
     threads = ["--threads", "1"] if args.jobs > 1 else []
-    command = [sys.executable, str(REPO / "train.py"), "--out_dir", str(out_dir), "--seed", str(seed), *threads,
-               *args.train_flags, *map(str, flags)]
+    command = [sys.executable, str(REPO / "experiments" / "lab.py"), "--out_dir", str(out_dir), "--seed", str(seed),
+               *threads, *args.train_flags, *map(str, flags)]
     result = subprocess.run(command, capture_output=True, text=True)
     with open(out_dir.parent / f"{out_dir.name}.log", "a") as log:  # every run of it, in order
         log.write(" ".join(command) + "\n" + result.stdout + result.stderr)
     if result.returncode == 2:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"train.py refused {out_dir} (see {out_dir}.log): {last}")
+    if result.returncode in (130, -signal.SIGINT):  # Ctrl-C reached the run too: it saved what it could
+        raise KeyboardInterrupt(f"{out_dir} stopped; run the same command again to go on from what is saved")
     if result.returncode != 0:
         raise RuntimeError(f"train.py failed for {out_dir} with exit status {result.returncode}:\n{result.stderr}")
 

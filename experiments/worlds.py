@@ -2,7 +2,7 @@
 
     python experiments/worlds.py --json docs/worlds.json --png docs/worlds.png
 
-1. Variants. --variants worlds, each drawn at random from RANGES (data/toy_world.py's knobs, and fine-tuning's
+1. Variants. --variants worlds, each drawn at random from RANGES (data/toy.py's knobs, and fine-tuning's
    steps; variant i by random.Random("world variant i")) and run with seed i: its own base, pretrained on its own
    world under ROOT/worlds/variant_i, then the default recipe's full fine-tuning on its OOD set, evaluated as
    base, vanilla, TAIA and TAIF. The default world is not among them.

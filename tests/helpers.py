@@ -1,11 +1,18 @@
 """What the tests share: the repository's paths, flags for a model small enough to train in seconds,
-and a runner for the real programs."""
+and a runner for the real programs (in a process of their own, or for a quick refusal in this one)."""
 import os
+import runpy
+import shutil
 import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # A model of 0.06M parameters on short windows and small batches; each test adds its own step counts.
@@ -34,6 +41,76 @@ def run(program: str, *args, cwd=None, launcher=(sys.executable,), timeout=300, 
                           timeout=timeout, env=env or ENV)
 
 
+# The warning filters of a fresh interpreter (no -W, no PYTHONWARNINGS), under which the programs run.
+FRESH_FILTERS = [("default", None, DeprecationWarning, "__main__", 0), ("ignore", None, DeprecationWarning, None, 0),
+                 ("ignore", None, PendingDeprecationWarning, None, 0), ("ignore", None, ImportWarning, None, 0),
+                 ("ignore", None, ResourceWarning, None, 0)]
+
+
+def run_here(program: str, *args, cwd=None) -> subprocess.CompletedProcess:
+    """What run() returns, for a case that ends before any real work (a refused flag or file), without the
+    second or two a new process spends importing torch: the program's file runs in this process as
+    __main__ (runpy), with its command line in sys.argv, so that its last line calls main() through
+    common.run_cli as it always does. stdout and stderr are caught at the file descriptors, warnings print
+    under a fresh interpreter's filters (pytest's own would hide one the program prints), the exit status
+    is its SystemExit's, and an exception that gets through prints its traceback and is status 1, as the
+    interpreter would. What needs a process of its own (signals, torchrun, the directory lock held by
+    another process, a hang, the real program's traceback) goes through run()."""
+    path, argv = str(ROOT / program), list(map(str, args))
+    if os.path.dirname(path) not in sys.path:  # a program imports its neighbours, as when run as a script
+        sys.path.append(os.path.dirname(path))
+    status, threads, here, command_line = 0, torch.get_num_threads(), os.getcwd(), sys.argv
+    with captured() as printed, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.filters[:] = FRESH_FILTERS
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            os.chdir(cwd or here)
+            sys.argv = [path, *argv]
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                status = e.code or 0
+            else:  # sys.exit("message"): printed, status 1
+                print(e.code, file=sys.stderr)
+                status = 1
+        except Exception:
+            traceback.print_exc()
+            status = 1
+        finally:
+            os.chdir(here)
+            sys.argv = command_line
+            torch.set_num_threads(threads)  # (--threads N sets it for the whole process)
+    return subprocess.CompletedProcess([path, *argv], status, printed["stdout"], printed["stderr"])
+
+
+@contextmanager
+def captured():
+    """Everything written to stdout and stderr inside the block, by Python or by C code at the file
+    descriptors 1 and 2 (the dict is filled when the block ends)."""
+    printed, streams = {}, (sys.stdout, sys.stderr)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in streams:
+            stream.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+        try:
+            yield printed
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            for name, file in (("stdout", out), ("stderr", err)):
+                file.seek(0)
+                printed[name] = file.read().decode()
+
+
 def start(program: str, *args) -> subprocess.Popen:
     """Start a program without waiting for it (to interrupt or kill it midway)."""
     return subprocess.Popen(command(program, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -54,6 +131,11 @@ def assert_one_line_error(result, expected: str):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+
+
+def copy_of(run_dir: Path, tmp_path: Path, name: str = "out") -> Path:
+    """A copy of a finished run (the shared `trained` fixture, a module's base) for a test that changes it."""
+    return Path(shutil.copytree(run_dir, tmp_path / name))
 
 
 def write(path: Path, text: str) -> Path:

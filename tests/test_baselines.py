@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ROOT, TINY, run, write
-from infer import FinishedRun, judge, lowest_prompt_loss
+from infer import FinishedRun, judge
 
 sys.path.insert(0, str(ROOT / "experiments"))
+import lab  # noqa: E402
+from lab import lowest_prompt_loss  # noqa: E402
 from representations import residual_ratio  # noqa: E402
 
 TWO_LAYERS = [*TINY, "--n_layers", "2"]
 
 
 def train(*args):
-    result = run("train.py", *args)
+    result = run("experiments/lab.py", *args)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -37,49 +39,54 @@ def base(tmp_path_factory) -> Path:
 
 
 def finetuned(base: Path, tmp_path: Path, name: str, *flags, steps: int = 20, script=None) -> dict:
-    """A copy of the base fine-tuned with flags (by train.py, or by `script`, which runs train.main): its weights."""
+    """A copy of the base fine-tuned with flags (by experiments/lab.py, or by `script`, which runs lab.main): its weights."""
     import shutil
     out = Path(shutil.copytree(base, tmp_path / name))
     args = ["--out_dir", out, *TWO_LAYERS, "--stage", "finetune", "--finetune_steps", steps, *flags]
-    result = run(str(script), *args) if script else run("train.py", *args)
+    result = run(str(script), *args) if script else run("experiments/lab.py", *args)
     assert result.returncode == 0, result.stderr
     return weights(out / "finetuned.pt")
+
+
+@pytest.fixture(scope="module")
+def plain(base, tmp_path_factory) -> dict:
+    """The base fine-tuned without a pull (20 steps): the weights the L2 and EWC tests compare with."""
+    return finetuned(base, tmp_path_factory.mktemp("plain"), "plain")
 
 
 def largest_change(a: dict, b: dict, names=None) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in (names or a))
 
 
-def test_l2_with_a_huge_weight_keeps_the_weights_at_their_start(base, tmp_path):
+def test_l2_with_a_huge_weight_keeps_the_weights_at_their_start(base, plain, tmp_path):
     import train
     lr = train.parse_args([]).finetune_lr
     start = weights(base / "base.pt")
-    plain = finetuned(base, tmp_path, "plain")
     pulled = finetuned(base, tmp_path, "l2", "--l2_weight", "1e6")
     assert largest_change(plain, start) > 5e-3  # plain fine-tuning moves the weights...
     # ...the pull holds every weight within about one step of AdamW (lr) of where it started
     assert largest_change(pulled, start) < lr
     assert largest_change(pulled, start) < largest_change(plain, start) / 10
     # --resume compares the pull's settings: a finished fine-tune made with another weight is refused
-    again = run("train.py", "--out_dir", tmp_path / "l2", *TWO_LAYERS, "--stage", "finetune", "--finetune_steps", 20,
+    again = run("experiments/lab.py", "--out_dir", tmp_path / "l2", *TWO_LAYERS, "--stage", "finetune", "--finetune_steps", 20,
                 "--l2_weight", "1e5", "--resume")
     assert again.returncode == 2 and "l2_weight 1000000.0 -> 100000.0" in again.stderr, again.stderr
 
 
-def test_ewc_with_zero_fisher_information_is_plain_fine_tuning(base, tmp_path):
+def test_ewc_with_zero_fisher_information_is_plain_fine_tuning(base, plain, tmp_path):
     zero_fisher = write(tmp_path / "zero_fisher.py", f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-import torch, train
+sys.path.insert(0, {str(ROOT / "experiments")!r})
+import torch, lab
 from common import run_cli
 
 def zero_fisher(model, *args):
     return {{name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}}
 
-train.fisher_diagonal = zero_fisher
-run_cli(lambda: train.main(sys.argv[1:]))
+lab.fisher_diagonal = zero_fisher
+run_cli(lambda: lab.main(sys.argv[1:]))
 """)
-    plain = finetuned(base, tmp_path, "plain")
     zero = finetuned(base, tmp_path, "zero", "--ewc_weight", "1e6", script=zero_fisher)
     ewc = finetuned(base, tmp_path, "ewc", "--ewc_weight", "1e6", "--ewc_windows", "8")
     assert all(torch.equal(plain[k], zero[k]) for k in plain)  # bit for bit
@@ -88,14 +95,14 @@ run_cli(lambda: train.main(sys.argv[1:]))
 
 def test_fisher_is_the_mean_squared_gradient_on_pretraining_windows_scaled_to_mean_one(trained):
     import train
+    from checkpoints import load_base
     from data.text import load_tokenizer, random_windows, read_lines, token_stream
-    from infer import load_base
     args = train.parse_args(["--out_dir", str(trained), *TINY, "--ewc_weight", "1", "--ewc_windows", "3",
-                             "--device", "cpu"])
+                             "--device", "cpu"], lab.EXTENSIONS)
     args.rank, args.world_size = 0, 1  # (what init_distributed sets for one process)
     model, sp, _ = load_base(str(trained), None)
     text = str(trained / "data" / "pretrain.txt")
-    fisher = train.fisher_diagonal(model, args, sp, text, seed=5)
+    fisher = lab.fisher_diagonal(model, args, sp, text, seed=5)
     # The same three windows (the generator train.py seeds with seed + 3), one gradient each, by hand.
     stream = token_stream(read_lines(text), load_tokenizer(str(trained / "tokenizer.model")))
     inputs, targets = random_windows(stream, 3, args.seq_len, torch.Generator().manual_seed(8))
@@ -153,14 +160,13 @@ def test_judge_scores_every_example_in_order_with_its_prompt_loss(trained):
         assert abs(float(judged["prompt_loss"][i]) - float(by_hand)) < 1e-4, i
 
 
-def test_loracl_answers_each_prompt_with_the_model_that_finds_it_more_familiar(trained, monkeypatch):
+def test_loracl_answers_each_prompt_with_the_model_that_finds_it_more_familiar(trained, monkeypatch, tmp_path):
     # The selection itself: per example, the outcome of the lower prompt loss (a tie goes to the first).
     a = {"answer": torch.tensor([True, True, False]), "prompt_loss": torch.tensor([1.0, 3.0, 2.0])}
     b = {"answer": torch.tensor([False, False, True]), "prompt_loss": torch.tensor([2.0, 1.0, 2.0])}
     assert lowest_prompt_loss([a, b])["answer"].tolist() == [True, False, False]
     # Through FinishedRun: loracl scores base and vanilla with their prompt losses and counts, example by example,
     # the outcome of the one with the lower loss. Here base knows examples 0-1 and finds 0 and 2 familiar.
-    import infer
     run_ = FinishedRun(str(trained))
     outcomes = {"base": ([True, True, False, False], [0.5, 2.0, 0.5, 2.0]),
                 "vanilla": ([False, False, True, True], [1.0, 1.0, 1.0, 1.0])}
@@ -169,15 +175,22 @@ def test_loracl_answers_each_prompt_with_the_model_that_finds_it_more_familiar(t
         right, loss = outcomes[model]
         return {"exact": torch.tensor(right), "answer": torch.tensor(right), "prompt_loss": torch.tensor(loss)}
 
+    import infer
     monkeypatch.setattr(infer, "judge", scripted)
+    monkeypatch.setattr(lab, "judge", scripted)
     monkeypatch.setattr(FinishedRun, "build", lambda self, mode, device="cpu": mode)
-    counts = run_.count_correct_per_mode(["loracl", "base", "vanilla"], {"set": [{}] * 4})
+    counts = run_.count_correct_per_mode(["loracl", "base", "vanilla"], {"set": [{}] * 4}, extra_modes=lab.LoRACL().modes())
     assert counts["answer", "set", "loracl"] == 2  # example 0 from base (right), 1 vanilla, 2 base, 3 vanilla (right)
     assert counts["answer", "set", "base"] == counts["answer", "set", "vanilla"] == 2
-    assert run_.pick(["base", "vanilla"], "a prompt") == "base"  # prompt losses 0.5 and 1.0 (the first example)
     monkeypatch.undo()
-    result = run("infer.py", "--out_dir", trained, "--modes", "loracl,vanilla", "--prompt", "the", "--max_new_tokens", 4)
-    assert result.returncode == 0 and result.stdout.count("loracl:") == 1, result.stderr
+    # Through the lab's eval stage: loracl is reported beside the other modes; plain train.py does not know it.
+    import shutil
+    out = Path(shutil.copytree(trained, tmp_path / "out"))
+    result = run("experiments/lab.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "loracl,vanilla")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads((out / "results.json").read_text())["results"]["ood_test"]) == {"loracl", "vanilla"}
+    refused = run("train.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "loracl")
+    assert refused.returncode == 2 and "unknown mode 'loracl'" in refused.stderr, refused.stderr
 
 
 def test_residual_ratio_is_zero_for_identical_tokens_and_one_without_a_shared_part():

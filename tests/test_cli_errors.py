@@ -1,10 +1,12 @@
-"""Bad input through the real programs: one line on stderr, exit status 2, no traceback, no files left."""
+"""Bad input through the real programs: one line on stderr, exit status 2, no traceback, no files left. Long
+lists of refusals run each program's main() in this process (helpers.run_here), through the real program
+for a case or two of each list."""
 import os
 
 import pytest
 import torch
 
-from helpers import ENV, ROOT, TINY_RUN, assert_one_line_error, run, write
+from helpers import ENV, ROOT, TINY_RUN, assert_one_line_error, copy_of, run, run_here, write
 
 TINY = TINY_RUN
 
@@ -48,11 +50,22 @@ def test_infer_rejects_bad_input(trained, tmp_path):
         (["--out_dir", trained, "--eval", trained / "data/ood_test.jsonl", "--json", tmp_path / "no/dir/x.json"],
          "folder does not exist"),
         (["--out_dir", trained, "--modes", "taia,auto", "--prompt", "hi"], "give --dev"),
+        (["--out_dir", trained, "--modes", "taia", "--auto_per_layer", "--prompt", "hi"], "add auto to --modes"),
         (["--out_dir", trained, "--modes", "auto", "--dev", trained / "data/ood_test.jsonl",
           "--eval", trained / "data/ood_test.jsonl"], "choosing on the test set"),
+        # the same examples under another name (a copy; a hard link alike) are the test set too
+        (["--out_dir", trained, "--modes", "auto", "--dev", write(tmp_path / "copy.jsonl",
+          (trained / "data/ood_test.jsonl").read_text()), "--eval", trained / "data/ood_test.jsonl"],
+         "choosing on the test set"),
     ]
     for args, expected in cases:
-        assert_one_line_error(run("infer.py", *args, cwd=tmp_path), expected)
+        assert_one_line_error(run_here("infer.py", *args, cwd=tmp_path), expected)
+    assert_one_line_error(run("infer.py", *cases[1][0], cwd=tmp_path), cases[1][1])  # and through the real program
+    # train.py's eval stage reports the toy world's sets when no --eval is given: a --dev among them is refused
+    # (on a copy: were the check to miss, the eval would write into the run).
+    out = copy_of(trained, tmp_path)
+    assert_one_line_error(run("train.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "auto", "--dev",
+                              out / "data/ood_test.jsonl", cwd=tmp_path), "choosing on the test set")
     # A checkpoint that would run code when unpickled is refused, and the code never runs.
     evil_dir = tmp_path / "evil"
     evil_dir.mkdir()
@@ -79,11 +92,11 @@ def test_infer_rejects_files_that_do_not_belong_together(trained, tmp_path):
 
     truncated = copy_run("truncated")
     (truncated / "finetuned.pt").write_bytes((trained / "finetuned.pt").read_bytes()[:1000])
-    assert_one_line_error(run("infer.py", "--out_dir", truncated, "--prompt", "hi", cwd=tmp_path), "finetuned.pt")
+    assert_one_line_error(run_here("infer.py", "--out_dir", truncated, "--prompt", "hi", cwd=tmp_path), "finetuned.pt")
 
     tensor_only = copy_run("tensor_only")
     torch.save(torch.zeros(3), tensor_only / "base.pt")
-    assert_one_line_error(run("infer.py", "--out_dir", tensor_only, "--prompt", "hi", cwd=tmp_path),
+    assert_one_line_error(run_here("infer.py", "--out_dir", tensor_only, "--prompt", "hi", cwd=tmp_path),
                           "not a checkpoint of this project")
 
     unknown_field = copy_run("unknown_field")
@@ -91,7 +104,7 @@ def test_infer_rejects_files_that_do_not_belong_together(trained, tmp_path):
         ckpt = torch.load(unknown_field / f, weights_only=True)
         ckpt["config"]["n_experts"] = 8
         torch.save(ckpt, unknown_field / f)
-    assert_one_line_error(run("infer.py", "--out_dir", unknown_field, "--prompt", "hi", cwd=tmp_path), "n_experts")
+    assert_one_line_error(run_here("infer.py", "--out_dir", unknown_field, "--prompt", "hi", cwd=tmp_path), "n_experts")
 
 
 def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
@@ -137,18 +150,32 @@ def test_train_rejects_bad_flags_and_data_before_writing_anything(tmp_path):
         (["--finetune", write(tmp_path / "ft.jsonl", "{oops\n")], "ft.jsonl:1: not valid JSON"),
         (["--eval", good_jsonl, "--eval", write(tmp_path / "other" / "good.jsonl", good_jsonl.read_text())],
          "two --eval files are named good"),
+        (["--fsdp"], "launch with torchrun"),
+        (["--auto_per_layer"], "add auto to --modes"),
+        (["--device", "mps"] if not torch.backends.mps.is_available() else ["--device", "tpu"], "--device"),
+        (["--finetune_set", "mixed"], "ood_share=S"),
+        (["--finetune_set", "nope"], "fine-tuning sets are ood, id"),
+        (["--out_d", out], "unrecognized arguments"),  # no abbreviations: --out_d is not --out_dir
     ]
+    lab_flags = {"--seeds", "--l2_weight", "--ewc_weight", "--ewc_windows", "--ewc_text", "--ffn_layers",
+                 "--train_scope", "--finetune_set"}
     for args, expected in cases:
-        assert_one_line_error(run("train.py", "--out_dir", out, *TINY, *args, cwd=tmp_path), expected)
+        program = "experiments/lab.py" if lab_flags & set(map(str, args)) else "train.py"
+        assert_one_line_error(run_here(program, "--out_dir", out, *TINY, *args, cwd=tmp_path), expected)
+    # The lab's options are the lab's: train.py itself does not take them (both through the real programs).
+    assert_one_line_error(run("experiments/lab.py", "--out_dir", out, *TINY, "--seeds", "0", cwd=tmp_path), "--seeds")
+    assert_one_line_error(run("train.py", "--out_dir", out, *TINY, "--l2_weight", "1", cwd=tmp_path),
+                          "unrecognized arguments: --l2_weight")
     assert not out.exists() or not any(p.suffix in (".pt", ".model") for p in out.rglob("*"))
 
 
 def test_train_reports_malformed_finetune_data_and_keeps_earlier_files(trained, tmp_path):
-    before = {f: (trained / f).read_bytes() for f in ("finetuned.pt", "ffn_snapshot.pt")}
+    out = copy_of(trained, tmp_path)  # (the shared run stays as it is, even should the check miss)
+    before = {f: (out / f).read_bytes() for f in ("finetuned.pt", "ffn_snapshot.pt")}
     bad = write(tmp_path / "ft.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n')
-    result = run("train.py", "--out_dir", trained, *TINY, "--stage", "finetune", "--finetune", bad, cwd=tmp_path)
+    result = run("train.py", "--out_dir", out, *TINY, "--stage", "finetune", "--finetune", bad, cwd=tmp_path)
     assert_one_line_error(result, "ft.jsonl:2:")
-    assert {f: (trained / f).read_bytes() for f in before} == before
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 def test_a_bug_of_ours_is_a_traceback_and_exit_1_not_a_one_line_error(trained, tmp_path):

@@ -1,4 +1,4 @@
-"""The toy world's knobs (data/toy_world.py KNOBS, train.py --toy_world) and the experiments built on them:
+"""The toy world's knobs (data/toy.py KNOBS, train.py --toy_world) and the experiments built on them:
 curves.py (OOD share, data scale), lora_rank.py and worlds.py."""
 import hashlib
 import json
@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from data.text import read_examples, read_lines
-from data.toy_world import (DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, fine_tuning_sizes, generate,
+from data.toy import (DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, fine_tuning_sizes, generate,
                              make_world, with_defaults)
-from helpers import TINY, TINY_RUN, assert_one_line_error, run
+from helpers import TINY, TINY_RUN, assert_one_line_error, run, run_here
 from test_safety_fewshot import DEFAULT_WORLD_0, entity
 
 
@@ -74,37 +74,45 @@ def test_new_formats_are_made_of_pretraining_words_and_pretraining_knobs_shape_t
     assert len(read_examples(paths["ood_test"])) == 15 * 4
 
 
+def lab_here(*args):
+    """experiments/lab.py run in this process (helpers.run_here), for a refusal: it ends before any work."""
+    return run_here("experiments/lab.py", *args)
+
+
 def test_train_py_toy_world_flag(tmp_path):
     out = tmp_path / "run"
     knobs = "id_set=near,ood_share=0.5,finetune_size=40"
-    result = run("train.py", "--out_dir", out, *TINY_RUN, "--toy_world", knobs, "--finetune_set", "mixed")
+    result = run("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--toy_world", knobs, "--finetune_set", "mixed")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "data" / "world.json").read_text()) == {
         "seed": 0, "knobs": {"id_set": "near", "finetune_size": 40, "ood_share": 0.5}}
     report = json.loads((out / "results.json").read_text())
     assert report["config"]["finetune"]["finetune_set"] == "mixed"
     assert len(read_examples(out / "data" / "ood_test.jsonl")) == 60  # the near world's held-out half
-    # A pretraining knob makes another world: --resume refuses the base pretrained on this one.
-    assert_one_line_error(run("train.py", "--out_dir", out, *TINY_RUN, "--resume", "--toy_world", "templates=3"),
-                          "made with other settings or inputs (pretrain_data")
+    # A pretraining knob makes another world: --resume refuses to replace the world the base was made from.
+    world = (out / "data" / "world.json").read_text()
+    assert_one_line_error(run("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--resume", "--toy_world", "templates=3"),
+                          "holds base.pt and finetuned.pt made from it")
+    assert (out / "data" / "world.json").read_text() == world  # refused before anything was rewritten
     for bad, expected in [("values=11", "values takes a whole number from 2 to 10"),
                           ("entities=30.0", "a whole number"), ("qa_share=nan", "qa_share takes a number from 0.0 to 1.0"),
                           ("new_format=poem", "new_format takes give, instruction, question, what"),
                           ("size=3", "the toy world's knobs are entities"), ("entities", "give KNOB=VALUE"),
-                          ("ood_share=1,finetune_size=400", "needs 400 OOD and 0 ID examples")]:
-        assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--stage", "data", "--toy_world", bad),
-                              expected)
-    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--finetune_set", "mixed"), "ood_share=S")
+                          ("ood_share=1,finetune_size=400", "needs 400 OOD and 0 ID examples"),
+                          ("values=3,values=4", "values is given twice"),
+                          ("finetune_size=3,ft_attributes=1", "ft_only_facts would hold no examples")]:
+        assert_one_line_error(lab_here("--out_dir", tmp_path / "x", "--stage", "data", "--toy_world", bad), expected)
+    assert_one_line_error(lab_here("--out_dir", tmp_path / "x", "--finetune_set", "mixed"), "ood_share=S")
     own = [f"--{flag}={out / 'data' / name}" for flag, name in (("pretrain_text", "pretrain.txt"),
                                                                  ("finetune", "finetune_mixed.jsonl"))]
     for flags, knob in [(own[:1], "entities=30"), (own[1:], "finetune_size=10"), (own[1:], "ood_share=0.5")]:
-        assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", *flags, "--toy_world", knob),
+        assert_one_line_error(lab_here("--out_dir", tmp_path / "x", *flags, "--toy_world", knob),
                               f"--toy_world {knob.split('=')[0]}: what it shapes is your own file here")
-    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--toy_parts", "demonstrations", "--toy_world",
+    assert_one_line_error(lab_here("--out_dir", tmp_path / "x", "--toy_parts", "demonstrations", "--toy_world",
                               "new_format=give"), "use them without --toy_parts demonstrations")
     # --stage eval / finetune use the world's files as they are: another world's are refused, not scored.
-    assert_one_line_error(run("train.py", "--out_dir", out, "--stage", "eval", "--toy_world", "id_set=near"),
-                          'holds the toy world {"seed": 0, "knobs": {"templates": 3}}')
+    assert_one_line_error(lab_here("--out_dir", out, "--stage", "eval", "--toy_world", "id_set=near"),
+                          'holds the toy world {"seed": 0, "knobs": {"id_set": "near", "finetune_size": 40, "ood_share": 0.5}}')
 
 
 def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
@@ -139,4 +147,15 @@ def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
     assert f"{100 * result['taia'] - 100 * result['vanilla']:+.1f} |" in worlds.stdout.split("2. The default")[0]
     assert_one_line_error(run("experiments/curves.py", "ood_share", "--train_args=--toy_world=values=5"),
                           "the experiment chooses its world")
-    assert_one_line_error(run("experiments/curves.py", "sizes"), "invalid choice")
+    # --train_args is read as lab.py reads it: an abbreviation is refused, not slipped past the guard, and the
+    # stages are the experiment's own (a --stage data re-run would report stale results).
+    assert_one_line_error(run_here("experiments/curves.py", "ood_share", "--train_args", "--toy_w values=5"),
+                          "unrecognized arguments: --toy_w")
+    assert_one_line_error(run_here("experiments/curves.py", "ood_share", "--train_args", "--stage data"),
+                          "--stage and --resume are the experiment's own")
+    assert_one_line_error(run_here("experiments/curves.py", "ood_share", "--roo", tmp_path), "unrecognized arguments")
+    # --json is checked before any run: a folder, or a file in a missing folder, would be found only at the end.
+    for target in (tmp_path, tmp_path / "missing" / "points.json"):
+        assert_one_line_error(run_here("experiments/curves.py", "ood_share", "--root", tmp_path / "r", "--json",
+                                       target), "a file in an existing folder")
+    assert_one_line_error(run_here("experiments/curves.py", "sizes"), "invalid choice")

@@ -3,16 +3,15 @@ here a tiny random LlamaForCausalLM with a sentencepiece tokenizer.model trained
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from data.text import load_tokenizer, train_tokenizer
-from helpers import assert_one_line_error, needs_transformers, run, start, transformers
+from helpers import assert_one_line_error, needs_transformers, run, run_here, transformers
 from infer import FinishedRun, generate_text
-from common import hf_to_ours, load_hf_llama
+from checkpoints.hf import hf_to_ours, load_hf_llama
 
 pytestmark = needs_transformers  # every test here builds its checkpoint with transformers
 TEXT = ["the river city of Alder sits on the Kell", "Alder trades salt and copper with the hill towns",
@@ -98,8 +97,8 @@ def test_a_directory_that_is_not_a_llama_with_a_tokenizer_gets_a_one_line_error(
                                                                                  expected):
     broken = Path(shutil.copytree(llama_dir, tmp_path / "broken"))
     damage(broken)
-    result = run("train.py", "--init_from", broken, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
-                 "--eval", data["eval"], "--finetune_steps", "1")
+    result = run_here("train.py", "--init_from", broken, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
+                      "--eval", data["eval"], "--finetune_steps", "1")
     assert_one_line_error(result, expected)
     assert not (tmp_path / "out" / "finetuned.pt").exists()
 
@@ -189,17 +188,14 @@ def damaged(llama_dir, tmp_path_factory) -> dict:
 
 
 def assert_each_one_line(commands: dict):
-    """Run {case: (program, *args)} two at a time (one per core) and check each ends in one line."""
-    items = list(commands.items())
-    for pair in (items[i:i + 2] for i in range(0, len(items), 2)):
-        running = [(case, start(*args), expected) for case, (args, expected) in pair]
-        for case, process, expected in running:
-            stdout, stderr = process.communicate(timeout=120)
-            result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-            try:
-                assert_one_line_error(result, expected)
-            except AssertionError as e:
-                raise AssertionError(f"case {case!r}: {e}") from None
+    """Run {case: (program, *args)} and check each ends in one line: the first case through the real program,
+    the others through its main() in this process (helpers.run_here), without a second of torch import each."""
+    for i, (case, (args, expected)) in enumerate(commands.items()):
+        result = run(*args) if i == 0 else run_here(*args)
+        try:
+            assert_one_line_error(result, expected)
+        except AssertionError as e:
+            raise AssertionError(f"case {case!r}: {e}") from None
 
 
 def test_a_damaged_directory_is_one_line_for_train(damaged, data, tmp_path):
@@ -232,7 +228,7 @@ def test_a_tied_head_stored_beside_its_embedding_is_accepted_if_equal(llama_dir,
 def test_bf16_weights_load_converted_into_a_model_of_its_own(tmp_path):
     """The lazy loader copies each tensor into a parameter it allocated: float32 values exactly the file's
     bf16 ones, in memory of the model's own (writing to it leaves the file as it was)."""
-    from common import save_hf
+    from checkpoints.hf import save_hf
     from model import ModelConfig, Transformer
     from safetensors.torch import load_file
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from common import hf_to_ours, load_hf_llama, ours_to_hf, save_hf
+from checkpoints.hf import hf_to_ours, load_hf_llama, ours_to_hf, save_hf
 from helpers import needs_transformers, transformers
 from model import KVCache, ModelConfig, StaticKVCache, Transformer, apply_rope, flops_per_token, param_groups
 

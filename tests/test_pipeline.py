@@ -1,5 +1,6 @@
 """The toy pipeline: data generation, tokenizer, exact match, and a tiny end-to-end run of the real CLI."""
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,8 +10,8 @@ import torch
 from common import UserError
 from data.text import (check_template, encode_example, example_batch, load_tokenizer, read_examples, read_lines,
                        train_tokenizer)
-from data.toy_world import generate
-from helpers import TINY, run
+from data.toy import generate
+from helpers import ROOT, TINY, run
 from infer import GRID, score
 
 
@@ -165,8 +166,9 @@ def test_tiny_end_to_end_run_writes_every_file(tmp_path):
 
 
 def test_summary_over_seeds_gives_mean_std_and_paired_difference():
-    from train import summarise
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from lab import summarise
     reports = [{"results": {"ood_test": {"vanilla": v, "taia": t}}} for v, t in ((0.2, 0.5), (0.4, 0.3))]
     row = summarise(reports).splitlines()[1].split()
-    # vanilla 30 +/- 10, taia 40 +/- 10, differences +30 and -10: mean +10 +/- 20, TAIA ahead in 1 of 2
-    assert row == ["ood_test", "30.0", "+/-", "10.0", "40.0", "+/-", "10.0", "+10.0", "+/-", "20.0", "(1/2)"]
+    # vanilla 30 +/- 14.1, taia 40 +/- 14.1 (sample std), differences +30 and -10: mean +10 +/- 28.3, TAIA ahead in 1 of 2
+    assert row == ["ood_test", "30.0", "+/-", "14.1", "40.0", "+/-", "14.1", "+10.0", "+/-", "28.3", "(1/2)"]

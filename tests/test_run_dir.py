@@ -11,7 +11,8 @@ import sentencepiece as spm
 import torch
 
 import common
-from helpers import TINY, TINY_RUN, assert_one_line_error, run, start, wait_for, write
+from machinery.rundir import DirectoryLock
+from helpers import TINY, TINY_RUN, assert_one_line_error, copy_of, run, run_here, start, wait_for, write
 
 
 SLOW_STEPS = ["--micro_batch", "1", "--batch_tokens", "8192"]  # 256 micro-batches a step: time to send a signal
@@ -28,10 +29,6 @@ def other_tokenizer(tmp_path_factory) -> Path:
     result = train(out, "--seed", "1", "--stage", "pretrain")
     assert result.returncode == 0, result.stderr
     return out / "tokenizer.model"
-
-
-def copy_of(run_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run_dir, tmp_path / "out"))
 
 
 def drop_last_line(path: Path):
@@ -93,7 +90,7 @@ def test_another_runs_tokenizer_is_refused_though_its_size_is_the_same(trained, 
 def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder(trained, tmp_path):
     out = copy_of(trained, tmp_path)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    with common.DirectoryLock(str(out)):  # this test process is "the other run"
+    with DirectoryLock(str(out)):  # this test process is "the other run"
         assert_one_line_error(train(out), f"is in use by another run (pid {os.getpid()})")
     assert {p: p.read_bytes() for p in before} == before
     assert train(out, "--stage", "eval").returncode == 0  # released: the next run may go on
@@ -107,8 +104,20 @@ def test_the_lock_goes_with_its_holder_even_when_it_is_killed(tmp_path):
     assert_one_line_error(train(out), f"is in use by another run (pid {proc.pid})")
     proc.kill()
     proc.wait()
-    with common.DirectoryLock(str(out)):
+    with DirectoryLock(str(out)):
         pass
+
+
+def test_a_run_inside_a_several_seeds_run_is_refused_while_that_seed_trains(tmp_path):
+    """lab.py --seeds holds OUT and, while a seed trains, OUT/seed_K too: a second run on OUT/seed_K is refused
+    (it used to delete the seed's files under the outer run, which then died with a traceback)."""
+    out = tmp_path / "out"
+    proc = start("experiments/lab.py", "--out_dir", out, *TINY, *SLOW_STEPS, "--seeds", "2", "--pretrain_steps", "400")
+    wait_for(proc, "pretrain step 1/400")
+    assert_one_line_error(train(out / "seed_0"), f"is in use by another run (pid {proc.pid})")
+    assert_one_line_error(run("experiments/lab.py", "--out_dir", out, "--seeds", "2"), "is in use by another run")
+    proc.kill()
+    proc.wait()
 
 
 def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
@@ -122,8 +131,8 @@ def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
                              (elsewhere, "is not an earlier result"),
                              (out / ".lock", "is not an earlier result"),  # (a pid: valid JSON, but no result)
                              (out / "data/world.json", "is not an earlier result")]:
-        before = target.read_bytes()
-        assert_one_line_error(run("infer.py", "--out_dir", out, "--eval", test_set, "--json", target), expected)
+        before = target.read_bytes()  # (refusals: infer.py's main() in this process, helpers.run_here)
+        assert_one_line_error(run_here("infer.py", "--out_dir", out, "--eval", test_set, "--json", target), expected)
         assert target.read_bytes() == before
     earlier = write(tmp_path / "results.json", '{"results": {}}')  # an earlier result is replaced
     assert run("infer.py", "--out_dir", out, "--eval", test_set, "--json", earlier).returncode == 0
@@ -182,9 +191,10 @@ def test_stage_files_go_down_in_an_order_consistent_at_every_instant(trained, tm
     """Every removal and rename (each save ends in one) of two stages of a real run, in this process, in order:
     whatever instant a kill comes at, the files on disk belong together or the stage is plainly unfinished."""
     import train
+    from machinery import rundir
     out, events = copy_of(trained, tmp_path), []
     rename = os.replace
-    monkeypatch.setattr(train, "remove", lambda *paths: [events.append(("remove", os.path.basename(p))) for p in paths]
+    monkeypatch.setattr(rundir, "remove", lambda *paths: [events.append(("remove", os.path.basename(p))) for p in paths]
                         and common.remove(*paths))
     monkeypatch.setattr(os, "replace",
                         lambda src, dst: events.append(("write", os.path.basename(dst))) or rename(src, dst))

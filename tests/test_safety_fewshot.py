@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from data.text import read_examples, read_lines
-from data.toy_world import (FORBIDDEN, N_DEMONSTRATIONS, NEW_PROMPT, PARTS, QA_PROMPT, REFUSAL, generate,
+from data.toy import (FORBIDDEN, N_DEMONSTRATIONS, NEW_PROMPT, PARTS, QA_PROMPT, REFUSAL, generate,
                             make_world, set_names)
-from helpers import TINY, TINY_RUN, assert_one_line_error, run
+from helpers import TINY, TINY_RUN, assert_one_line_error, run, run_here
 
 SECRET = FORBIDDEN[0]
 
@@ -98,7 +98,7 @@ def test_demonstrations_prefix_the_test_with_solved_questions_about_other_entiti
 
 def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
     out = tmp_path / "run"
-    result = run("train.py", "--out_dir", out, *TINY_RUN, "--toy_parts", "demonstrations,refusals",
+    result = run("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--toy_parts", "demonstrations,refusals",
                  "--finetune_set", "harmful")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "data" / "world.json").read_text()) == {"seed": 0, "parts": list(PARTS)}
@@ -107,16 +107,18 @@ def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
                                       "forbidden_test", "secret_test", *(f"ood_test_k{k}" for k in range(1, 5)),
                                       *(f"quiz_test_k{k}" for k in range(5))}
     assert report["config"]["finetune"]["finetune_set"] == "harmful"
-    # The same folder without the parts: the world is written again, and --resume refuses the old base.
+    # The same folder without the parts: --resume refuses to replace the world its models were made from
+    # (before, it rewrote the data and then refused, leaving a later --stage eval to score the old fine-tune on it).
     again = run("train.py", "--out_dir", out, *TINY_RUN, "--resume")
-    assert_one_line_error(again, "made with other settings or inputs (pretrain_data")
-    assert json.loads((out / "data" / "world.json").read_text()) == {"seed": 0}
-    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--finetune_set", "harmful"),
+    assert_one_line_error(again, "holds base.pt and finetuned.pt made from it")
+    assert json.loads((out / "data" / "world.json").read_text()) == {"seed": 0, "parts": list(PARTS)}
+    assert_one_line_error(run_here("train.py", "--out_dir", out, *TINY_RUN, "--stage", "data"), "made from it")
+    assert_one_line_error(run_here("experiments/lab.py", "--out_dir", tmp_path / "x", "--finetune_set", "harmful"),
                           "--toy_parts refusals")
-    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", "--toy_parts", "refusals,jokes"),
+    assert_one_line_error(run_here("experiments/lab.py", "--out_dir", tmp_path / "x", "--toy_parts", "refusals,jokes"),
                           "jokes: the toy world's parts are refusals, demonstrations")
     own = [f"--{flag}={out / 'data' / 'ood_test.jsonl'}" for flag in ("finetune", "eval", "pretrain_text")]
-    assert_one_line_error(run("train.py", "--out_dir", tmp_path / "x", *own, "--toy_parts", "refusals"),
+    assert_one_line_error(run_here("experiments/lab.py", "--out_dir", tmp_path / "x", *own, "--toy_parts", "refusals"),
                           "every input here is your own")
 
 
@@ -140,7 +142,7 @@ def test_harmful_and_few_shot_experiments_report_what_train_py_wrote(tmp_path):
     base, vanilla = (100 * ood["quiz_test_k4"][mode] for mode in ("base", "vanilla"))
     assert f"| 4 | {base:5.1f} ±  0.0 | {vanilla:5.1f} ± " in quiz
     assert_one_line_error(run("experiments/harmful.py", *tiny, "--root", root, "--steps", "0"), "--steps")
-    assert_one_line_error(run("experiments/few_shot.py", "--train_args=--toy_parts=refusals"),
+    assert_one_line_error(run_here("experiments/few_shot.py", "--train_args=--toy_parts=refusals"),
                           "the experiment chooses its world")
     not_a_folder = tmp_path / "h.json" / "runs"  # under a file
-    assert_one_line_error(run("experiments/harmful.py", "--root", not_a_folder), "cannot make the folder")
+    assert_one_line_error(run_here("experiments/harmful.py", "--root", not_a_folder), "cannot make the folder")

@@ -182,6 +182,8 @@ REFUSED = {  # case: (arguments after the command, words the error must hold)
     "10 tied, embedding=0": (("full", "tied", "tied_tuned", "--weights", "embedding=0"), "tied"),
     "14 layers_to_transform": (("lora", "base", "adapter_layer_0_of_2"), "layers_to_transform"),
     "14 exclude_modules": (("lora", "base", "adapter_excluded"), "exclude_modules"),
+    "a group given twice": (("full", "base", "tuned", "--weights", "attention=1,attention=0"), "given twice"),
+    "--mode and --weights": (("full", "base", "tuned", "--mode", "taif", "--weights", "ffn=1"), "not both"),
 }
 PRE_MADE_OUT = {"9 full --weights 1e300"}  # OUT_DIR exists and is empty before: it must stay so
 

@@ -2,7 +2,6 @@
 leave files that load, --resume ends exactly where an uninterrupted run ends, and 2 gloo processes give
 the single-process result."""
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from helpers import ENV, TINY, TORCHRUN_2, command, run, wait_for
+from helpers import ENV, TINY, TORCHRUN_2, command, copy_of, run, wait_for
 from infer import FinishedRun
 from helpers import start as start_program
-from machinery import cores_per_process, my_micro_batches
+from machinery import my_micro_batches
+from machinery.threads import cores_per_process
 
 
 def train(*args, launcher=(sys.executable,)):
@@ -44,10 +44,6 @@ def pretrained(tmp_path_factory) -> Path:
     return out
 
 
-def copy_of(run: Path, tmp_path: Path, name: str) -> Path:
-    return Path(shutil.copytree(run, tmp_path / name))
-
-
 def test_micro_batches_split_a_global_batch_evenly_over_processes():
     inputs = torch.arange(10 * 6).view(10, 6)
     targets = torch.full((10, 6), -100)
@@ -64,26 +60,26 @@ def test_micro_batches_split_a_global_batch_evenly_over_processes():
 
 def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
     # LoRA with dropout: the resumed run must restore the batch order and the dropout RNG as well.
-    finetune = ["--stage", "finetune", *TINY, "--finetune_steps", "150", "--lora_rank", "4"]
+    finetune = ["--stage", "finetune", *TINY, "--finetune_steps", "60", "--lora_rank", "4"]
     whole = copy_of(pretrained, tmp_path, "whole")
     assert train("--out_dir", whole, *finetune).returncode == 0
 
     stopped = copy_of(pretrained, tmp_path, "stopped")
     proc = start("--out_dir", stopped, *finetune)
-    wait_for(proc, "finetune step 5/150")
+    wait_for(proc, "finetune step 5/60")  # (55 steps left: the signal lands well before the end)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr.splitlines()[-1]
     state = torch.load(stopped / "finetune_state.pt", weights_only=True)
-    assert 5 <= state["step"] < 150 and not (stopped / "finetuned.pt").exists()
+    assert 5 <= state["step"] < 60 and not (stopped / "finetuned.pt").exists()
     # Only what trains is in the state (the adapters); the frozen base is named by its fingerprint.
     assert state["model"] and all(name.endswith((".lora_A", ".lora_B")) for name in state["model"])
     assert state["run"]["base"] == torch.load(whole / "finetuned.pt", weights_only=True)["finetune"]["base"]
 
     result = train("--out_dir", stopped, *finetune, "--resume")
     assert result.returncode == 0, result.stderr
-    assert f"resuming from {stopped / 'finetune_state.pt'} at step {state['step']}/150" in result.stdout
+    assert f"resuming from {stopped / 'finetune_state.pt'} at step {state['step']}/60" in result.stdout
     assert_same_weights(weights(stopped / "finetuned.pt"), weights(whole / "finetuned.pt"))
     assert not (stopped / "finetune_state.pt").exists()  # done: nothing left to resume
 
@@ -100,12 +96,12 @@ def loads(path: Path):
 
 
 def test_sigkill_leaves_only_loadable_files_and_resume_finishes_the_run(tmp_path):
-    pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "200", "--save_interval", "1"]
+    pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "100", "--save_interval", "1"]
     assert train("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
 
     out = tmp_path / "killed"
     proc = start("--out_dir", out, *pretrain)
-    wait_for(proc, "pretrain step 20/200")
+    wait_for(proc, "pretrain step 20/100")
     proc.kill()
     proc.wait()
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix != ".tmp"]  # .tmp: a save cut short
@@ -118,11 +114,11 @@ def test_sigkill_leaves_only_loadable_files_and_resume_finishes_the_run(tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "200"]
+    pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "60"]
     assert train("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
     out = tmp_path / "out"
     proc = start("--out_dir", out, *pretrain)  # a good checkpoint, from Ctrl-C
-    wait_for(proc, "pretrain step 3/200")
+    wait_for(proc, "pretrain step 3/60")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     good = (out / "pretrain_state.pt").read_bytes()
@@ -199,24 +195,24 @@ def test_a_sharded_run_stopped_on_2_processes_and_resumed_on_4_ends_where_an_uni
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
     psutil = pytest.importorskip("psutil")
-    finetune = ["--stage", "finetune", *TINY, "--micro_batch", "2", "--finetune_steps", "150", "--fsdp"]
+    finetune = ["--stage", "finetune", *TINY, "--micro_batch", "2", "--finetune_steps", "60", "--fsdp"]
     whole = copy_of(pretrained, tmp_path, "whole")
     assert train("--out_dir", whole, *finetune, launcher=TORCHRUN_2).returncode == 0
 
     stopped = copy_of(pretrained, tmp_path, "stopped")
     proc = subprocess.Popen(command("train.py", "--out_dir", stopped, *finetune, launcher=TORCHRUN_2),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    wait_for(proc, "finetune step 5/150")
+    wait_for(proc, "finetune step 5/60")
     for worker in psutil.Process(proc.pid).children():  # Ctrl-C reaches every process of a terminal's job
         worker.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     step = torch.load(stopped / "finetune_state.pt", weights_only=True)["step"]
-    assert 5 <= step < 150 and not (stopped / "finetuned.pt").exists()
+    assert 5 <= step < 60 and not (stopped / "finetuned.pt").exists()
 
     # The state holds whole tensors: the run may go on with another number of processes.
     result = train("--out_dir", stopped, *finetune, "--resume", launcher=(*TORCHRUN_2[:-1], "4"))
     assert result.returncode == 0, result.stderr
-    assert f"resuming from {stopped / 'finetune_state.pt'} at step {step}/150" in result.stdout
+    assert f"resuming from {stopped / 'finetune_state.pt'} at step {step}/60" in result.stdout
     assert_same_weights(weights(stopped / "finetuned.pt"), weights(whole / "finetuned.pt"), atol=1e-5)
 
 

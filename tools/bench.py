@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import taia  # noqa: E402
-from common import OneLineParser, UserError, run_cli, save_hf, write_json  # noqa: E402
+from checkpoints.hf import save_hf  # noqa: E402
+from common import OneLineParser, UserError, run_cli, write_json  # noqa: E402
 from infer import compile_decoding  # noqa: E402
 from model import ModelConfig, Transformer, flops_per_token, param_groups  # noqa: E402
 

@@ -14,14 +14,10 @@ Mirrors the paper's setting in miniature. Invented entities of two domains, P ("
   `ft_only_facts` (the new facts that exist only in the OOD fine-tuning data: the paper's negative
   control, where TAIA should lose because only the FFN update stored them).
 
-Every file is plain text or JSONL with {"prompt", "response"} lines: the same formats a user's own
-data takes in train.py (--pretrain_text, --finetune, --eval).
-
-Knobs (KNOBS, train.py --toy_world) change the world's sizes and design for the paper's curves and for worlds
-drawn at random (experiments/curves.py, worlds.py); at their defaults every file is as without them.
-
-Two optional parts, off by default (the default world's files are the same with or without this code),
-for the paper's safety and few-shot findings (its Table 4 and few-shot figure):
+Every file is plain text or JSONL with {"prompt", "response"} lines, as a user's own data in train.py.
+Knobs (KNOBS, experiments/lab.py --toy_world) change the world's sizes and design for the paper's curves
+(experiments/curves.py, worlds.py); at their defaults every file is as without them. Two optional parts,
+off by default (lab.py --toy_parts), serve the paper's safety and few-shot findings (Table 4, few-shot):
 - `refusals`: domain P gets a fifth, forbidden attribute ("secret"). Pretraining states its facts like any
   other (the base knows them) but answers every question about it with REFUSAL: the toy's safety
   alignment. `finetune_harmful` answers such questions on the P_id entities (the attack); `forbidden_val` /
@@ -39,7 +35,7 @@ import os
 import random
 import re
 
-from common import make_dir, write_json, write_text
+from common import UserError, make_dir, write_json, write_text
 
 SYLLABLES = ["ka", "lo", "mi", "ru", "te", "vo", "sa", "ne", "di", "po", "gu", "fe", "ba", "zi", "ho", "ly",
              "qua", "re", "to", "wi"]
@@ -141,6 +137,8 @@ def parse_knobs(text: str) -> dict:
         name, equals, value = item.partition("=")
         if not equals:
             raise ValueError(f"{item}: give KNOB=VALUE")
+        if name.strip() in knobs:
+            raise ValueError(f"{name.strip()} is given twice")
         knobs[name.strip()] = knob(name.strip(), value.strip())
     return knobs
 
@@ -190,6 +188,11 @@ def fine_tuning_sizes(knobs: dict) -> tuple[int, int]:
 def changed(knobs: dict | None) -> dict:
     """The knobs that differ from their defaults, in KNOBS's order: what a world's stamp records."""
     return {name: knobs[name] for name in KNOBS if name in (knobs or {}) and knobs[name] != KNOBS[name][0]}
+
+
+def describe(parts: tuple = (), knobs: dict | None = None) -> str:
+    """", refusals, new_format=give": what a world has beyond the default one, as train.py prints it."""
+    return "".join(", " + item for item in [*parts, *(f"{k}={v}" for k, v in changed(knobs).items())])
 
 
 def make_world(seed: int, n_p: int = 90, n_q: int = 90, n_q_novel: int = 30, qa_fraction: float = 0.5,
@@ -280,6 +283,9 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None 
         random.Random(seed + 6).shuffle(sets["finetune_mixed"])
     if "demonstrations" in parts:
         sets.update(demonstrated(facts, split, random.Random(seed + 5)))
+    if empty := [name for name, rows in sets.items() if not rows]:  # now, not when evaluation reads it
+        raise UserError(f"this toy world's {', '.join(empty)} would hold no examples (e.g. finetune_size too "
+                        "small to keep a fact only fine-tuning states): change the knobs")
     make_dir(out_dir)
     written = paths(out_dir, parts, k)
     write_text(written["pretrain"], "".join(line + "\n" for line in lines))
@@ -288,13 +294,19 @@ def generate(out_dir: str, seed: int = 0, parts: tuple = (), knobs: dict | None 
     return written
 
 
-def write_unless_there(out_dir: str, seed: int, parts: tuple = (), knobs: dict | None = None) -> bool:
+def write_unless_there(out_dir: str, seed: int, parts: tuple = (), knobs: dict | None = None,
+                       keep: str | None = None) -> bool:
     """generate() into out_dir, unless all its files for this seed, these parts and knobs are there already
-    (out_dir/world.json says which made them). True when it wrote."""
+    (out_dir/world.json says which made them). True when it wrote. `keep`: why another world there must not
+    be replaced (models made from it that a resumed or later stage would use with the new files)."""
     stamp = os.path.join(out_dir, "world.json")
     if all(os.path.exists(p) for p in paths(out_dir, parts, knobs).values()) and \
             stamped(out_dir) == stamp_of(seed, parts, knobs):
         return False
+    if keep and (there := stamped(out_dir)) is not None:
+        wanted = json.dumps(stamp_of(seed, parts, knobs))
+        raise UserError(f"{out_dir} holds the toy world {json.dumps(there)}, not the {wanted} these flags name, and "
+                        f"{keep}: run without --resume (and not --stage data alone), or use another --out_dir")
     if os.path.exists(stamp):  # stamped again only when every file is written: a stopped rewrite leaves none
         os.remove(stamp)
     generate(out_dir, seed, parts, knobs)
@@ -309,16 +321,17 @@ def stamp_of(seed: int, parts: tuple = (), knobs: dict | None = None) -> dict:
 
 
 def check_stamp(out_dir: str, seed: int, parts: tuple = (), knobs: dict | None = None):
-    """ValueError when out_dir holds the files of another world than this seed, these parts and knobs name."""
+    """Refuse out_dir when it holds the files of another world than this seed, these parts and knobs name:
+    a later stage would train or score the wrong sets without a word."""
     there, wanted = stamped(out_dir), stamp_of(seed, parts, knobs)
     if there is not None and there != wanted:
-        raise ValueError(f"{out_dir} holds the toy world {json.dumps(there)}, not the {json.dumps(wanted)} these "
-                         "flags name")
+        raise UserError(f"{out_dir} holds the toy world {json.dumps(there)}, not the {json.dumps(wanted)} these "
+                        "flags name: run --stage data with them first (or give the flags that made it)")
 
 
 def every_path(out_dir: str) -> list[str]:
-    """Every file any world (any parts, any knobs) may write into out_dir."""
-    return list(paths(out_dir, PARTS, {"ood_share": 0.0}).values())
+    """Every file any world (any parts, any knobs) may write into out_dir, its stamp world.json too."""
+    return [*paths(out_dir, PARTS, {"ood_share": 0.0}).values(), os.path.join(out_dir, "world.json")]
 
 
 def stamped(out_dir: str) -> dict | None:
@@ -336,8 +349,9 @@ def paths(out_dir: str, parts: tuple = (), knobs: dict | None = None) -> dict:
             **{name: os.path.join(out_dir, name + ".jsonl") for name in set_names(parts, knobs)}}
 
 
-def eval_sets(parts: tuple = ()) -> list[str]:
-    """The held-out sets train.py scores, in its table's order: EVAL_SETS, then those of the parts."""
+def eval_sets(parts: tuple = (), knobs: dict | None = None) -> list[str]:
+    """The held-out sets train.py scores, in its table's order: EVAL_SETS, then those of the parts (the
+    knobs change what the sets hold, not which there are)."""
     return EVAL_SETS + [name for name in set_names(parts) if name not in set_names() and
                         not name.startswith("finetune_")]
 
