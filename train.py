@@ -234,8 +234,8 @@ def stage_data(args, out_dir: str, seed: int, extensions):
     if args.finetune and args.eval and (args.pretrain_text or args.init_from):
         return False
     data_dir = os.path.join(out_dir, "data")
-    made = [name for name in (FILES["base"], FILES["tuned"]) if os.path.exists(os.path.join(out_dir, name))]
-    keep = made and (args.resume or args.stage == "data") and f"{out_dir} holds {' and '.join(made)} made from it"
+    tuned = os.path.exists(os.path.join(out_dir, FILES["tuned"]))  # (a base is checked by its own settings)
+    keep = tuned and (args.resume or args.stage == "data") and f"{out_dir} holds {FILES['tuned']} made from it"
     if is_main(args) and toy.write_unless_there(data_dir, seed, **args.world, keep=keep):
         print(f"toy world (seed {seed}{toy.describe(**args.world)}) written to {data_dir}")
     barrier(args)  # every process, always: the others wait for rank 0's files

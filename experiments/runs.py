@@ -88,7 +88,7 @@ def check_arguments(args):
         Path(args.root).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=args.root).close()
     except OSError as e:
-        raise UserError(f"--root {args.root}: cannot make or write in the folder ({e.strerror or e})") from None
+        raise UserError(f"--root {args.root}: cannot make the folder or write in it ({e.strerror or e})") from None
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
         raise UserError(f"--json {args.json}: a file in an existing folder, please (checked now, not after the runs)")
     if args.png:

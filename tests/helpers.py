@@ -1,8 +1,9 @@
 """What the tests share: the repository's paths, flags for a model small enough to train in seconds,
-and a runner for the real programs (in a process of their own, or for a quick refusal in this one)."""
+and a runner for the real programs (in a process of their own, or as one in this process)."""
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,25 +49,15 @@ FRESH_FILTERS = [("default", None, DeprecationWarning, "__main__", 0), ("ignore"
 
 
 def run_here(program: str, *args, cwd=None) -> subprocess.CompletedProcess:
-    """What run() returns, for a case that ends before any real work (a refused flag or file), without the
-    second or two a new process spends importing torch: the program's file runs in this process as
-    __main__ (runpy), with its command line in sys.argv, so that its last line calls main() through
-    common.run_cli as it always does. stdout and stderr are caught at the file descriptors, warnings print
-    under a fresh interpreter's filters (pytest's own would hide one the program prints), the exit status
-    is its SystemExit's, and an exception that gets through prints its traceback and is status 1, as the
-    interpreter would. What needs a process of its own (signals, torchrun, the directory lock held by
-    another process, a hang, the real program's traceback) goes through run()."""
-    path, argv = str(ROOT / program), list(map(str, args))
-    if os.path.dirname(path) not in sys.path:  # a program imports its neighbours, as when run as a script
-        sys.path.append(os.path.dirname(path))
-    status, threads, here, command_line = 0, torch.get_num_threads(), os.getcwd(), sys.argv
-    with captured() as printed, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-        warnings.filters[:] = FRESH_FILTERS
-        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
-            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    """What run() returns, without the two seconds a new process spends starting Python and importing torch:
+    the program's file runs in this process as __main__ (runpy), so that its last line calls main() through
+    common.run_cli as it always does, under what run() gives a process (below, as_a_program). For a refusal
+    or a short run whose outcome does not depend on having a process of its own; signals, torchrun, the
+    directory lock, a possible hang and the real program's traceback go through run()."""
+    path = str(ROOT / program)
+    status = 0
+    with captured() as printed, as_a_program(path, list(map(str, args)), cwd):
         try:
-            os.chdir(cwd or here)
-            sys.argv = [path, *argv]
             runpy.run_path(path, run_name="__main__")
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -74,14 +65,39 @@ def run_here(program: str, *args, cwd=None) -> subprocess.CompletedProcess:
             else:  # sys.exit("message"): printed, status 1
                 print(e.code, file=sys.stderr)
                 status = 1
-        except Exception:
+        except Exception:  # what the interpreter does with an exception that reaches it
             traceback.print_exc()
             status = 1
+    return subprocess.CompletedProcess([path, *map(str, args)], status, printed["stdout"], printed["stderr"])
+
+
+@contextmanager
+def as_a_program(path: str, argv: list[str], cwd=None):
+    """This process as run() starts a program, for the block: its command line in sys.argv (argparse names the
+    program by it), its folder on sys.path, the folder cwd, ENV's variables and so one thread, a fresh
+    interpreter's warning filters (pytest's own would hide a warning the program prints). Afterwards all of it,
+    the random generators and the signal handlers are as they were."""
+    saved = (sys.argv, sys.path[:], os.getcwd(), dict(os.environ), torch.get_num_threads(),
+             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        sys.argv = [path, *argv]
+        sys.path.insert(0, os.path.dirname(path))  # as the interpreter puts a script's folder first
+        os.chdir(cwd or os.getcwd())
+        os.environ.update({name: ENV[name] for name in ("OMP_NUM_THREADS", "PYTHONUNBUFFERED")})
+        torch.set_num_threads(int(ENV["OMP_NUM_THREADS"]))
+        warnings.filters[:] = FRESH_FILTERS
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            yield
         finally:
-            os.chdir(here)
-            sys.argv = command_line
-            torch.set_num_threads(threads)  # (--threads N sets it for the whole process)
-    return subprocess.CompletedProcess([path, *argv], status, printed["stdout"], printed["stderr"])
+            sys.argv, sys.path[:] = saved[0], saved[1]
+            os.chdir(saved[2])
+            os.environ.clear()
+            os.environ.update(saved[3])
+            torch.set_num_threads(saved[4])
+            for s, handler in saved[5].items():
+                signal.signal(s, handler)
 
 
 @contextmanager

@@ -14,11 +14,15 @@ NOT_UTF8 = os.fsdecode(b"caf\xe9")  # how Python hands a program the bytes of a 
 HUGE = 10 ** 30
 
 
-def assert_errors(cases, cwd) -> list[str]:
-    """Every (program, args, expected) case is a one-line error; returns the lines. Two at a time: each is
-    a process that spends most of its seconds importing torch."""
+def assert_errors(cases, cwd, processes=None) -> list[str]:
+    """Every (program, args, expected) case is a one-line error; returns the lines. The cases at the indices
+    `processes` (all when None) run as processes of their own, two at a time (each spends most of its seconds
+    importing torch); the others as programs in this process (helpers.run_here)."""
+    own = [i for i in range(len(cases)) if processes is None or i in processes]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda case: run(case[0], *case[1], cwd=cwd, timeout=120), cases))
+        done = dict(zip(own, pool.map(lambda i: run(cases[i][0], *cases[i][1], cwd=cwd, timeout=120), own)))
+    results = [done[i] if i in done else run_here(program, *args, cwd=cwd)
+               for i, (program, args, _) in enumerate(cases)]
     for (_, _, expected), result in zip(cases, results):
         assert_one_line_error(result, expected)
     return [result.stderr.strip() for result in results]
@@ -44,7 +48,7 @@ def test_text_that_utf8_cannot_encode_is_one_line(trained, tmp_path):
         ("train.py", ["--out_dir", tmp_path / NOT_UTF8, *TINY], "--out_dir is not valid UTF-8"),
         ("infer.py", ["--out_dir", tmp_path / NOT_UTF8, "--prompt", "hi"], "--out_dir is not valid UTF-8"),
         ("train.py", [*train, "--eval", tmp_path / (NOT_UTF8 + ".jsonl")], "--eval is not valid UTF-8"),
-    ], tmp_path)
+    ], tmp_path, processes={0, 5})  # a file's bytes and the command line's through the real programs
     assert not (tmp_path / "out").exists() and not (tmp_path / NOT_UTF8).exists()
 
 
@@ -80,7 +84,7 @@ def test_a_document_longer_than_sentencepiece_takes_still_trains_the_tokenizer(t
     long_line = " ".join(words[i * 7 % 5] for i in range(150_000))
     text = write(tmp_path / "long.txt", long_line + "\n" + "€" * 10_000 + "\n")
     out = tmp_path / "out"
-    result = run("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_text", text, cwd=tmp_path)
+    result = run_here("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_text", text, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     assert all(sp.piece_to_id("▁" + word) != sp.unk_id() for word in words)
@@ -91,12 +95,12 @@ def test_sampling_at_any_small_temperature_is_greedy_and_big_limits_are_cut(trai
     """logits / 1e-45 overflowed to inf, and softmax made nan of it; a --top_k or --max_new_tokens beyond
     the vocabulary or the model's length is cut to it."""
     prompt = ["--out_dir", trained, "--modes", "taia", "--prompt", "the"]
-    greedy = run("infer.py", *prompt, cwd=tmp_path)
+    greedy = run_here("infer.py", *prompt, cwd=tmp_path)
     assert greedy.returncode == 0 and greedy.stdout.strip(), greedy.stderr
     for temperature in ("1e-45", "1e-300"):
-        tiny = run("infer.py", *prompt, "--temperature", temperature, cwd=tmp_path)
+        tiny = run_here("infer.py", *prompt, "--temperature", temperature, cwd=tmp_path)
         assert tiny.returncode == 0 and tiny.stdout == greedy.stdout, (temperature, tiny.stderr)
-    big = run("infer.py", *prompt, "--temperature", "1", "--top_k", HUGE, "--max_new_tokens", HUGE, cwd=tmp_path)
+    big = run_here("infer.py", *prompt, "--temperature", "1", "--top_k", HUGE, "--max_new_tokens", HUGE, cwd=tmp_path)
     assert big.returncode == 0 and big.stdout.strip(), big.stderr
 
 
@@ -110,10 +114,7 @@ def test_numbers_out_of_range_are_argparse_errors(trained, tmp_path):
     cases += [("train.py", [*train, "--threads", (os.cpu_count() or 1) * 1000], "cores"),
               ("infer.py", [*infer, "--seed", "-1"], "--seed must be"),
               ("infer.py", [*infer, "--temperature", "1e999"], "--temperature must be")]
-    # Refused at the flags: one of each program through the real program, the others in this process.
-    assert_errors([cases[0], cases[-1]], tmp_path)
-    for program, args, expected in cases[1:-1]:
-        assert_one_line_error(run_here(program, *args, cwd=tmp_path), expected)
+    assert_errors(cases, tmp_path, processes={0, len(cases) - 1})  # (a train.py and an infer.py one)
     assert not (tmp_path / "out").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT, TINY, run, write
+from helpers import ROOT, TINY, run, run_here, write
 from infer import FinishedRun, judge
 
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -21,7 +21,7 @@ TWO_LAYERS = [*TINY, "--n_layers", "2"]
 
 
 def train(*args):
-    result = run("experiments/lab.py", *args)
+    result = run_here("experiments/lab.py", *args)  # (in this process: helpers.run_here)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -39,11 +39,12 @@ def base(tmp_path_factory) -> Path:
 
 
 def finetuned(base: Path, tmp_path: Path, name: str, *flags, steps: int = 20, script=None) -> dict:
-    """A copy of the base fine-tuned with flags (by experiments/lab.py, or by `script`, which runs lab.main): its weights."""
+    """A copy of the base fine-tuned with flags (by experiments/lab.py, run in this process, or by `script`, which
+    runs lab.main in a process of its own): its weights."""
     import shutil
     out = Path(shutil.copytree(base, tmp_path / name))
     args = ["--out_dir", out, *TWO_LAYERS, "--stage", "finetune", "--finetune_steps", steps, *flags]
-    result = run(str(script), *args) if script else run("experiments/lab.py", *args)
+    result = run(str(script), *args) if script else run_here("experiments/lab.py", *args)
     assert result.returncode == 0, result.stderr
     return weights(out / "finetuned.pt")
 
@@ -68,8 +69,8 @@ def test_l2_with_a_huge_weight_keeps_the_weights_at_their_start(base, plain, tmp
     assert largest_change(pulled, start) < lr
     assert largest_change(pulled, start) < largest_change(plain, start) / 10
     # --resume compares the pull's settings: a finished fine-tune made with another weight is refused
-    again = run("experiments/lab.py", "--out_dir", tmp_path / "l2", *TWO_LAYERS, "--stage", "finetune", "--finetune_steps", 20,
-                "--l2_weight", "1e5", "--resume")
+    again = run_here("experiments/lab.py", "--out_dir", tmp_path / "l2", *TWO_LAYERS, "--stage", "finetune",
+                     "--finetune_steps", 20, "--l2_weight", "1e5", "--resume")
     assert again.returncode == 2 and "l2_weight 1000000.0 -> 100000.0" in again.stderr, again.stderr
 
 
@@ -186,10 +187,10 @@ def test_loracl_answers_each_prompt_with_the_model_that_finds_it_more_familiar(t
     # Through the lab's eval stage: loracl is reported beside the other modes; plain train.py does not know it.
     import shutil
     out = Path(shutil.copytree(trained, tmp_path / "out"))
-    result = run("experiments/lab.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "loracl,vanilla")
+    result = run_here("experiments/lab.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "loracl,vanilla")
     assert result.returncode == 0, result.stderr
     assert set(json.loads((out / "results.json").read_text())["results"]["ood_test"]) == {"loracl", "vanilla"}
-    refused = run("train.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "loracl")
+    refused = run_here("train.py", "--out_dir", out, *TINY, "--stage", "eval", "--modes", "loracl")
     assert refused.returncode == 2 and "unknown mode 'loracl'" in refused.stderr, refused.stderr
 
 
@@ -205,13 +206,15 @@ EXPERIMENT = ["--seeds", "1", "--jobs", "2", "--train_args", " ".join(map(str, [
 
 
 def test_the_experiments_run_train_py_and_report_what_its_runs_wrote(tmp_path):
+    """Each experiment runs in this process (helpers.run_here); the runs it makes are experiments/lab.py
+    programs of their own."""
     root = tmp_path / "runs"
     try:  # an optional extra: without it the experiments print their tables only
         import matplotlib  # noqa: F401
         png = ["--png", tmp_path / "toa.png"]
     except ImportError:
         png = []
-    toa = run("experiments/toa_k.py", "--root", root, *EXPERIMENT, "--json", tmp_path / "toa.json", *png)
+    toa = run_here("experiments/toa_k.py", "--root", root, *EXPERIMENT, "--json", tmp_path / "toa.json", *png)
     assert toa.returncode == 0, toa.stderr
     assert not png or (tmp_path / "toa.png").read_bytes().startswith(b"\x89PNG")
     points = json.loads((tmp_path / "toa.json").read_text())["points"]
@@ -219,12 +222,12 @@ def test_the_experiments_run_train_py_and_report_what_its_runs_wrote(tmp_path):
     assert {(p["setting"], p["mode"], p["set"]) for p in points} >= {("LoRA ffn_layers 1", "taia", "ood_test")}
     assert all(p["answer_match"] == 100 * written[p["set"]][p["mode"]] for p in points
                if p["setting"] == "LoRA ffn_layers 1")
-    baselines = run("experiments/baselines.py", "--root", root, *EXPERIMENT, "--weights", "1", "--lrs", "1e-3")
+    baselines = run_here("experiments/baselines.py", "--root", root, *EXPERIMENT, "--weights", "1", "--lrs", "1e-3")
     assert baselines.returncode == 0, baselines.stderr
     assert "| L2 | L2 1 (chosen) |" in baselines.stdout and "| LoRACL | lr " in baselines.stdout
     assert (root / "seed_0" / "ewc_1" / "finetuned.pt").exists()
-    representations = run("experiments/representations.py", "--root", root, *EXPERIMENT)
+    representations = run_here("experiments/representations.py", "--root", root, *EXPERIMENT)
     assert representations.returncode == 0, representations.stderr
     assert "| 1 |" in representations.stdout  # layer 0 (embeddings) and the one block
-    bad = run("experiments/baselines.py", "--root", root, *EXPERIMENT, "--weights", "1,x")
+    bad = run_here("experiments/baselines.py", "--root", root, *EXPERIMENT, "--weights", "1,x")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --weights")

@@ -13,7 +13,7 @@ TINY = TINY_RUN
 
 def test_infer_compile_answers_as_eager_decoding_and_falls_back_without_a_compiler(trained, tmp_path):
     prompts = ["--prompt", "the", "--prompt", "a b c d e f", "--modes", "base,taia", "--max_new_tokens", "12"]
-    eager = run("infer.py", "--out_dir", trained, *prompts)
+    eager = run_here("infer.py", "--out_dir", trained, *prompts)
     assert eager.returncode == 0 and len(eager.stdout.splitlines()) == 4, eager.stderr
     compiled = run("infer.py", "--out_dir", trained, *prompts, "--compile")
     assert compiled.returncode == 0 and compiled.stdout == eager.stdout, compiled.stderr
@@ -173,7 +173,7 @@ def test_train_reports_malformed_finetune_data_and_keeps_earlier_files(trained, 
     out = copy_of(trained, tmp_path)  # (the shared run stays as it is, even should the check miss)
     before = {f: (out / f).read_bytes() for f in ("finetuned.pt", "ffn_snapshot.pt")}
     bad = write(tmp_path / "ft.jsonl", '{"prompt": "a", "response": "b"}\n[1, 2]\n')
-    result = run("train.py", "--out_dir", out, *TINY, "--stage", "finetune", "--finetune", bad, cwd=tmp_path)
+    result = run_here("train.py", "--out_dir", out, *TINY, "--stage", "finetune", "--finetune", bad, cwd=tmp_path)
     assert_one_line_error(result, "ft.jsonl:2:")
     assert {f: (out / f).read_bytes() for f in before} == before
 

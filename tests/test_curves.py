@@ -75,14 +75,14 @@ def test_new_formats_are_made_of_pretraining_words_and_pretraining_knobs_shape_t
 
 
 def lab_here(*args):
-    """experiments/lab.py run in this process (helpers.run_here), for a refusal: it ends before any work."""
+    """experiments/lab.py as a program in this process (helpers.run_here)."""
     return run_here("experiments/lab.py", *args)
 
 
 def test_train_py_toy_world_flag(tmp_path):
     out = tmp_path / "run"
     knobs = "id_set=near,ood_share=0.5,finetune_size=40"
-    result = run("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--toy_world", knobs, "--finetune_set", "mixed")
+    result = lab_here("--out_dir", out, *TINY_RUN, "--toy_world", knobs, "--finetune_set", "mixed")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "data" / "world.json").read_text()) == {
         "seed": 0, "knobs": {"id_set": "near", "finetune_size": 40, "ood_share": 0.5}}
@@ -92,7 +92,7 @@ def test_train_py_toy_world_flag(tmp_path):
     # A pretraining knob makes another world: --resume refuses to replace the world the base was made from.
     world = (out / "data" / "world.json").read_text()
     assert_one_line_error(run("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--resume", "--toy_world", "templates=3"),
-                          "holds base.pt and finetuned.pt made from it")
+                          "holds finetuned.pt made from it")
     assert (out / "data" / "world.json").read_text() == world  # refused before anything was rewritten
     for bad, expected in [("values=11", "values takes a whole number from 2 to 10"),
                           ("entities=30.0", "a whole number"), ("qa_share=nan", "qa_share takes a number from 0.0 to 1.0"),
@@ -118,7 +118,7 @@ def test_train_py_toy_world_flag(tmp_path):
 def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
     tiny = ["--seeds", "1", "--root", tmp_path / "root", "--train_args",
             " ".join([*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"])]
-    curve = run("experiments/curves.py", "ood_share", *tiny, "--json", tmp_path / "c.json")
+    curve = run_here("experiments/curves.py", "ood_share", *tiny, "--json", tmp_path / "c.json")
     assert curve.returncode == 0, curve.stderr
     written = json.loads((tmp_path / "root" / "seed_0" / "ood_share_0.5_full" / "results.json").read_text())
     mixed = read_examples(tmp_path / "root" / "seed_0" / "ood_share_0.5_full" / "data" / "finetune_mixed.jsonl")
@@ -129,16 +129,16 @@ def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
     points = json.loads((tmp_path / "c.json").read_text())["points"]
     assert {p["setting"] for p in points} == {f"{kind}, ood_share {x}" for kind in ("full", "LoRA")
                                               for x in (0.0, 0.25, 0.5, 0.75, 1.0)}
-    scale = run("experiments/curves.py", "data_scale", *tiny)
+    scale = run_here("experiments/curves.py", "data_scale", *tiny)
     assert scale.returncode == 0, scale.stderr
     assert len(read_examples(tmp_path / "root" / "seed_0" / "data_scale_30_lora" / "data" / "finetune_ood.jsonl")) == 30
-    lora = run("experiments/lora_rank.py", *tiny)
+    lora = run_here("experiments/lora_rank.py", *tiny)
     assert lora.returncode == 0, lora.stderr
     config = json.loads((tmp_path / "root" / "seed_0" / "lora_r1_a2_lr5e-3_200steps" / "results.json").read_text())
     assert {k: config["config"]["finetune"][k] for k in ("lora_rank", "lora_alpha", "finetune_lr")} == \
         {"lora_rank": 1, "lora_alpha": 2.0, "finetune_lr": 5e-3}
     assert lora.stdout.count("(chosen on ood_val)") == 1
-    worlds = run("experiments/worlds.py", *tiny, "--variants", "1")
+    worlds = run_here("experiments/worlds.py", *tiny, "--variants", "1")
     assert worlds.returncode == 0, worlds.stderr
     variant = tmp_path / "root" / "worlds" / "variant_0" / "seed_0" / "ood"
     stamp = json.loads((variant / "data" / "world.json").read_text())

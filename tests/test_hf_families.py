@@ -120,7 +120,7 @@ def test_full_writes_the_taia_model_transformers_loads(family, tmp_path):
     save(base, tmp_path / "base", **shard)
     save(tuned, tmp_path / "tuned")
     (tmp_path / "tuned" / "tokenizer_config.json").write_text('{"note": "the tuned model\'s"}')
-    result = run("taia_hf.py", "full", tmp_path / "base", tmp_path / "tuned", tmp_path / "out")
+    result = run_here("taia_hf.py", "full", tmp_path / "base", tmp_path / "tuned", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "ffn" in result.stdout and "attention" in result.stdout
 
@@ -151,7 +151,7 @@ def test_full_modes_and_weights_are_taias_own(tmp_path):
     for flags, weights in ((["--mode", "taif", "--others", "base"], taia.mode_weights("taif", "base")),
                            (["--weights", "attention=0.5,ffn=0.25"], {"attention": 0.5, "ffn": 0.25})):
         out = tmp_path / flags[1]
-        result = run("taia_hf.py", "full", tmp_path / "base", tmp_path / "tuned", out, *flags)
+        result = run_here("taia_hf.py", "full", tmp_path / "base", tmp_path / "tuned", out, *flags)
         assert result.returncode == 0, result.stderr
         expected = taia.interpolate(base_state, tuned_state, weights)
         written = load_file(out / "model.safetensors")
@@ -176,7 +176,7 @@ def test_lora_equals_peft_reloaded_with_attention_targets_and_merged(family, rsl
             if "lora_" in name:
                 p.copy_(torch.randn_like(p) * 0.1)
     adapted.save_pretrained(tmp_path / "adapter")
-    result = run("taia_hf.py", "lora", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    result = run_here("taia_hf.py", "lora", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert result.returncode == 0, result.stderr
 
     # PEFT's own route (the authors'): reload the adapter with attention targets only, then merge.

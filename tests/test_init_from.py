@@ -67,8 +67,8 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
     assert any(not torch.equal(tuned["model"][k], hf[k]) for k in snapshot)
 
     report = json.loads((out / "results.json").read_text())
-    result = run("infer.py", "--out_dir", out, "--eval", data["eval"], "--json", tmp_path / "infer.json",
-                 "--prompt", "Where does salt go?")
+    result = run_here("infer.py", "--out_dir", out, "--eval", data["eval"], "--json", tmp_path / "infer.json",
+                      "--prompt", "Where does salt go?")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "infer.json").read_text())["results"]["answer"] == report["results"]
     # infer.py wraps a prompt in the fine-tuning template, as training did.
@@ -78,7 +78,7 @@ def test_finetune_a_hugging_face_llama_directory_and_evaluate_it_with_infer(llam
 
     # The directory moved: infer.py says so, and --init_from points at its new place.
     moved = Path(shutil.copytree(llama_dir, tmp_path / "moved"))
-    assert run("infer.py", "--out_dir", out, "--init_from", moved, "--prompt", "salt").returncode == 0
+    assert run_here("infer.py", "--out_dir", out, "--init_from", moved, "--prompt", "salt").returncode == 0
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -106,8 +106,8 @@ def test_a_directory_that_is_not_a_llama_with_a_tokenizer_gets_a_one_line_error(
 def test_a_vocabulary_mismatch_between_tokenizer_and_checkpoint_is_refused(llama_dir, data, tmp_path):
     other = Path(shutil.copytree(llama_dir, tmp_path / "other"))
     train_tokenizer(TEXT * 20, str(other / "tokenizer.model"), vocab_size=300)
-    result = run("train.py", "--init_from", other, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
-                 "--eval", data["eval"])
+    result = run_here("train.py", "--init_from", other, "--out_dir", tmp_path / "out", "--finetune", data["finetune"],
+                      "--eval", data["eval"])
     assert_one_line_error(result, "do not belong together")
 
 
@@ -208,8 +208,8 @@ def test_a_damaged_directory_is_one_line_for_train(damaged, data, tmp_path):
 
 def test_a_damaged_directory_is_one_line_for_infer(llama_dir, damaged, data, tmp_path):
     out = tmp_path / "out"
-    result = run("train.py", "--init_from", llama_dir, "--out_dir", out, "--finetune", data["finetune"],
-                 "--eval", data["eval"], "--finetune_steps", "1", "--modes", "taia")
+    result = run_here("train.py", "--init_from", llama_dir, "--out_dir", out, "--finetune", data["finetune"],
+                      "--eval", data["eval"], "--finetune_steps", "1", "--modes", "taia")
     assert result.returncode == 0, result.stderr
     assert_each_one_line({case: (("infer.py", "--out_dir", out, "--init_from", broken, "--prompt", "salt"), expected)
                           for case, (broken, expected) in damaged.items()})

@@ -19,6 +19,12 @@ SLOW_STEPS = ["--micro_batch", "1", "--batch_tokens", "8192"]  # 256 micro-batch
 
 
 def train(out, *args):
+    """train.py on OUT with the tiny run's flags, in this process (helpers.run_here)."""
+    return run_here("train.py", "--out_dir", out, *TINY_RUN, *args)
+
+
+def train_process(out, *args):
+    """The same in a process of its own: for the directory lock, which a process holds."""
     return run("train.py", "--out_dir", out, *TINY_RUN, *args)
 
 
@@ -72,7 +78,7 @@ def test_a_stopped_stage_does_not_resume_over_a_changed_input(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and (out / "pretrain_state.pt").exists(), stderr
     drop_last_line(out / "data/pretrain.txt")
-    result = run("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400", "--resume")
+    result = run_here("train.py", "--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "400", "--resume")
     assert_one_line_error(result, "pretrain_data")
 
 
@@ -82,7 +88,7 @@ def test_another_runs_tokenizer_is_refused_though_its_size_is_the_same(trained, 
              for path in (other_tokenizer, out / "tokenizer.model")]
     assert sizes[0] == sizes[1] and other_tokenizer.read_bytes() != (out / "tokenizer.model").read_bytes()
     shutil.copyfile(other_tokenizer, out / "tokenizer.model")
-    assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "is not the tokenizer")
+    assert_one_line_error(run_here("infer.py", "--out_dir", out, "--prompt", "the"), "is not the tokenizer")
     assert_one_line_error(train(out, "--stage", "eval"), "is not the tokenizer")
     assert_one_line_error(train(out, "--stage", "finetune"), "is not the tokenizer")
 
@@ -91,9 +97,9 @@ def test_a_second_run_on_the_same_out_dir_is_refused_naming_the_holder(trained, 
     out = copy_of(trained, tmp_path)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     with DirectoryLock(str(out)):  # this test process is "the other run"
-        assert_one_line_error(train(out), f"is in use by another run (pid {os.getpid()})")
+        assert_one_line_error(train_process(out), f"is in use by another run (pid {os.getpid()})")
     assert {p: p.read_bytes() for p in before} == before
-    assert train(out, "--stage", "eval").returncode == 0  # released: the next run may go on
+    assert train_process(out, "--stage", "eval").returncode == 0  # released: the next run may go on
 
 
 def test_the_lock_goes_with_its_holder_even_when_it_is_killed(tmp_path):
@@ -101,7 +107,7 @@ def test_the_lock_goes_with_its_holder_even_when_it_is_killed(tmp_path):
     out = tmp_path / "out"
     proc = start("train.py", "--out_dir", out, *TINY, *SLOW_STEPS, "--stage", "pretrain", "--pretrain_steps", "400")
     wait_for(proc, "pretrain step 1/400")  # (400 slow steps: it holds the lock for minutes)
-    assert_one_line_error(train(out), f"is in use by another run (pid {proc.pid})")
+    assert_one_line_error(train_process(out), f"is in use by another run (pid {proc.pid})")
     proc.kill()
     proc.wait()
     with DirectoryLock(str(out)):
@@ -114,7 +120,7 @@ def test_a_run_inside_a_several_seeds_run_is_refused_while_that_seed_trains(tmp_
     out = tmp_path / "out"
     proc = start("experiments/lab.py", "--out_dir", out, *TINY, *SLOW_STEPS, "--seeds", "2", "--pretrain_steps", "400")
     wait_for(proc, "pretrain step 1/400")
-    assert_one_line_error(train(out / "seed_0"), f"is in use by another run (pid {proc.pid})")
+    assert_one_line_error(train_process(out / "seed_0"), f"is in use by another run (pid {proc.pid})")
     assert_one_line_error(run("experiments/lab.py", "--out_dir", out, "--seeds", "2"), "is in use by another run")
     proc.kill()
     proc.wait()
@@ -131,11 +137,11 @@ def test_json_never_overwrites_an_input_or_a_checkpoint(trained, tmp_path):
                              (elsewhere, "is not an earlier result"),
                              (out / ".lock", "is not an earlier result"),  # (a pid: valid JSON, but no result)
                              (out / "data/world.json", "is not an earlier result")]:
-        before = target.read_bytes()  # (refusals: infer.py's main() in this process, helpers.run_here)
+        before = target.read_bytes()
         assert_one_line_error(run_here("infer.py", "--out_dir", out, "--eval", test_set, "--json", target), expected)
         assert target.read_bytes() == before
     earlier = write(tmp_path / "results.json", '{"results": {}}')  # an earlier result is replaced
-    assert run("infer.py", "--out_dir", out, "--eval", test_set, "--json", earlier).returncode == 0
+    assert run_here("infer.py", "--out_dir", out, "--eval", test_set, "--json", earlier).returncode == 0
     assert "ood_test" in earlier.read_text()
 
 
@@ -156,7 +162,7 @@ def test_ctrl_c_in_the_last_step_of_a_stage_saves_it_and_stops_before_the_next(t
     assert last.endswith(f"{out} holds data/, base.pt, tokenizer.model")  # exactly what is there:
     assert files_in(out) == {"data/", "tokenizer.model", "base.pt"}
     torch.load(out / "base.pt", weights_only=True)
-    resumed = run("train.py", "--out_dir", out, *flags, "--finetune_steps", "2", "--resume")  # goes on from there
+    resumed = run_here("train.py", "--out_dir", out, *flags, "--finetune_steps", "2", "--resume")  # goes on from there
     assert resumed.returncode == 0, resumed.stderr
     assert "pretrain: finished already with these settings" in resumed.stdout and (out / "results.json").exists()
 
@@ -184,7 +190,7 @@ def test_a_new_pretraining_removes_what_was_made_from_the_old_base(trained, tmp_
     result = train(out, "--stage", "pretrain", "--pretrain_steps", "4")
     assert result.returncode == 0, result.stderr
     assert files_in(out) == {"data/", "base.pt", "tokenizer.model"}
-    assert_one_line_error(run("infer.py", "--out_dir", out, "--prompt", "the"), "finetuned.pt")
+    assert_one_line_error(run_here("infer.py", "--out_dir", out, "--prompt", "the"), "finetuned.pt")
 
 
 def test_stage_files_go_down_in_an_order_consistent_at_every_instant(trained, tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ def test_demonstrations_prefix_the_test_with_solved_questions_about_other_entiti
 
 def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
     out = tmp_path / "run"
-    result = run("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--toy_parts", "demonstrations,refusals",
+    result = run_here("experiments/lab.py", "--out_dir", out, *TINY_RUN, "--toy_parts", "demonstrations,refusals",
                  "--finetune_set", "harmful")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "data" / "world.json").read_text()) == {"seed": 0, "parts": list(PARTS)}
@@ -110,7 +110,7 @@ def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
     # The same folder without the parts: --resume refuses to replace the world its models were made from
     # (before, it rewrote the data and then refused, leaving a later --stage eval to score the old fine-tune on it).
     again = run("train.py", "--out_dir", out, *TINY_RUN, "--resume")
-    assert_one_line_error(again, "holds base.pt and finetuned.pt made from it")
+    assert_one_line_error(again, "holds finetuned.pt made from it")
     assert json.loads((out / "data" / "world.json").read_text()) == {"seed": 0, "parts": list(PARTS)}
     assert_one_line_error(run_here("train.py", "--out_dir", out, *TINY_RUN, "--stage", "data"), "made from it")
     assert_one_line_error(run_here("experiments/lab.py", "--out_dir", tmp_path / "x", "--finetune_set", "harmful"),
@@ -125,7 +125,7 @@ def test_train_py_fine_tunes_on_the_harmful_set_and_scores_every_part(tmp_path):
 def test_harmful_and_few_shot_experiments_report_what_train_py_wrote(tmp_path):
     tiny = ["--seeds", "1", "--train_args", " ".join([*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"])]
     root = tmp_path / "refusals"  # each experiment's world has bases of its own
-    harmful = run("experiments/harmful.py", *tiny, "--root", root, "--steps", "1,2", "--json", tmp_path / "h.json")
+    harmful = run_here("experiments/harmful.py", *tiny, "--root", root, "--steps", "1,2", "--json", tmp_path / "h.json")
     assert harmful.returncode == 0, harmful.stderr
     points = json.loads((tmp_path / "h.json").read_text())["points"]
     written = json.loads((root / "seed_0" / "harmful_2" / "results.json").read_text())
@@ -135,7 +135,7 @@ def test_harmful_and_few_shot_experiments_report_what_train_py_wrote(tmp_path):
     success = [100 - 100 * written["results"]["forbidden_test"][mode] for mode in ("base", "vanilla", "taia", "taif")]
     full = harmful.stdout.split("LoRA fine-tuning")[0]  # the steps table of full fine-tuning, row 2
     assert "| 2 | " + " | ".join(f"{v:5.1f} ±  0.0" for v in success) + " |" in full
-    few = run("experiments/few_shot.py", *tiny, "--root", tmp_path / "demonstrations")
+    few = run_here("experiments/few_shot.py", *tiny, "--root", tmp_path / "demonstrations")
     assert few.returncode == 0, few.stderr
     ood = json.loads((tmp_path / "demonstrations" / "seed_0" / "ood" / "results.json").read_text())["results"]
     quiz = few.stdout.split("quiz format, full fine-tuning")[1]

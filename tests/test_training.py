@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from helpers import ENV, TINY, TORCHRUN_2, command, copy_of, run, wait_for
+from helpers import ENV, TINY, TORCHRUN_2, command, copy_of, run, run_here, wait_for
 from infer import FinishedRun
 from helpers import start as start_program
 from machinery import my_micro_batches
@@ -20,6 +20,12 @@ from machinery.threads import cores_per_process
 
 def train(*args, launcher=(sys.executable,)):
     return run("train.py", *args, launcher=launcher)
+
+
+def train_here(*args):
+    """train.py as a program in this process (helpers.run_here): for the runs a test compares with or goes on
+    from, which need no process of their own."""
+    return run_here("train.py", *args)
 
 
 def start(*args) -> subprocess.Popen:
@@ -39,7 +45,7 @@ def assert_same_weights(a: dict, b: dict, atol=0.0):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "out"
-    result = train("--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "3")
+    result = train_here("--out_dir", out, *TINY, "--stage", "pretrain", "--pretrain_steps", "3")
     assert result.returncode == 0, result.stderr
     return out
 
@@ -62,7 +68,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted
     # LoRA with dropout: the resumed run must restore the batch order and the dropout RNG as well.
     finetune = ["--stage", "finetune", *TINY, "--finetune_steps", "60", "--lora_rank", "4"]
     whole = copy_of(pretrained, tmp_path, "whole")
-    assert train("--out_dir", whole, *finetune).returncode == 0
+    assert train_here("--out_dir", whole, *finetune).returncode == 0
 
     stopped = copy_of(pretrained, tmp_path, "stopped")
     proc = start("--out_dir", stopped, *finetune)
@@ -77,7 +83,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches_an_uninterrupted
     assert state["model"] and all(name.endswith((".lora_A", ".lora_B")) for name in state["model"])
     assert state["run"]["base"] == torch.load(whole / "finetuned.pt", weights_only=True)["finetune"]["base"]
 
-    result = train("--out_dir", stopped, *finetune, "--resume")
+    result = train_here("--out_dir", stopped, *finetune, "--resume")
     assert result.returncode == 0, result.stderr
     assert f"resuming from {stopped / 'finetune_state.pt'} at step {state['step']}/60" in result.stdout
     assert_same_weights(weights(stopped / "finetuned.pt"), weights(whole / "finetuned.pt"))
@@ -97,7 +103,7 @@ def loads(path: Path):
 
 def test_sigkill_leaves_only_loadable_files_and_resume_finishes_the_run(tmp_path):
     pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "100", "--save_interval", "1"]
-    assert train("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
+    assert train_here("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
 
     out = tmp_path / "killed"
     proc = start("--out_dir", out, *pretrain)
@@ -115,7 +121,7 @@ def test_sigkill_leaves_only_loadable_files_and_resume_finishes_the_run(tmp_path
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     pretrain = [*TINY, "--stage", "pretrain", "--pretrain_steps", "60"]
-    assert train("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
+    assert train_here("--out_dir", tmp_path / "whole", *pretrain).returncode == 0
     out = tmp_path / "out"
     proc = start("--out_dir", out, *pretrain)  # a good checkpoint, from Ctrl-C
     wait_for(proc, "pretrain step 3/60")
@@ -125,14 +131,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step = torch.load(out / "pretrain_state.pt", weights_only=True)["step"]
 
     # Resumed with an absurd learning rate, the loss turns nan after one update: stop, keep the file.
-    result = train("--out_dir", out, *pretrain, "--resume", "--pretrain_lr", "1e12", "--save_interval", "1")
+    result = train_here("--out_dir", out, *pretrain, "--resume", "--pretrain_lr", "1e12", "--save_interval", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"the loss became nan at step {step + 2}" in result.stderr
     assert f"pretrain_state.pt (step {step}) is the last good checkpoint" in result.stderr
     assert (out / "pretrain_state.pt").read_bytes() == good and not (out / "base.pt").exists()
 
     # With the learning rate back, the run ends exactly where an uninterrupted one does.
-    assert train("--out_dir", out, *pretrain, "--resume").returncode == 0
+    assert train_here("--out_dir", out, *pretrain, "--resume").returncode == 0
     assert_same_weights(weights(out / "base.pt"), weights(tmp_path / "whole" / "base.pt"))
 
 
@@ -143,7 +149,7 @@ def test_resume_refuses_a_checkpoint_from_other_settings(pretrained, tmp_path):
     wait_for(proc, "finetune step 3/400")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
-    result = train("--out_dir", out, *finetune, "--resume")
+    result = train_here("--out_dir", out, *finetune, "--resume")
     assert result.returncode == 2 and "finetune_steps" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -152,7 +158,7 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
         pytest.skip("this torch build has no gloo backend")
     # The same global batches (16 windows, 8 fine-tuning examples) in micro-batches of 2, on 1 and 2 processes.
     flags = [*TINY, "--micro_batch", "2", "--pretrain_steps", "4", "--finetune_steps", "3", "--modes", "base,taia"]
-    single = train("--out_dir", tmp_path / "one", *flags)
+    single = train_here("--out_dir", tmp_path / "one", *flags)
     assert single.returncode == 0, single.stderr
     double = train("--out_dir", tmp_path / "two", *flags, launcher=TORCHRUN_2)
     assert double.returncode == 0, double.stderr
@@ -174,14 +180,14 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     assert_same_weights(*taia_models, atol=1e-5)
     # LoRA with dropout: each micro-batch draws its masks by its place in the global batch, not by process.
     lora = ["--stage", "finetune", "--lora_rank", "2", "--lora_dropout", "0.05", "--finetune_lr", "1e-2"]
-    assert train("--out_dir", tmp_path / "one", *flags, *lora).returncode == 0
+    assert train_here("--out_dir", tmp_path / "one", *flags, *lora).returncode == 0
     double = train("--out_dir", tmp_path / "two", *flags, *lora, launcher=TORCHRUN_2)
     assert double.returncode == 0, double.stderr
     assert_same_weights(weights(tmp_path / "two" / "finetuned.pt"), weights(tmp_path / "one" / "finetuned.pt"),
                         atol=1e-5)
     # ... and dropout did change the updates (so the test above could have failed).
     no_dropout = copy_of(tmp_path / "one", tmp_path, "no_dropout")
-    assert train("--out_dir", no_dropout, *flags, *lora, "--lora_dropout", "0").returncode == 0
+    assert train_here("--out_dir", no_dropout, *flags, *lora, "--lora_dropout", "0").returncode == 0
     a, b = weights(no_dropout / "finetuned.pt"), weights(tmp_path / "one" / "finetuned.pt")
     assert max((a[k] - b[k]).abs().max() for k in a) > 1e-4
 
