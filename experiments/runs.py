@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import lab  # noqa: E402 (experiments/ is on sys.path when an experiment runs)
+import stats  # noqa: E402
+from stats import mean_std, paired  # noqa: E402,F401 (the experiments' tables take them from here)
 from train import parse_args as parse_train_args  # noqa: E402
 from common import FILES, OneLineParser, UserError, atomic_write, load_checkpoint, write_json  # noqa: E402
 
@@ -173,16 +175,6 @@ def bases(args) -> dict:
     return load_checkpoint(str(Path(args.root) / "seed_0" / "base" / FILES["base"]), keys=("config",))["config"]
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):5.1f} ± {statistics.pstdev(values):4.1f}"
-
-
-def paired(a: list[float], b: list[float]) -> str:
-    """a - b per seed: mean ± std, and in how many seeds a is ahead."""
-    diffs = [x - y for x, y in zip(a, b)]
-    return f"{statistics.mean(diffs):+5.1f} ± {statistics.pstdev(diffs):4.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
-
-
 def points(runs: dict) -> list[dict]:
     """Every point of {setting: [results.json of each seed]}: seed, setting, mode, set, answer match %."""
     return [{"seed": r["seed"], "setting": setting, "mode": mode, "set": name,
@@ -198,9 +190,9 @@ def write_points(path: str | None, points: list[dict]):
 
 
 def band(ax, xs, per_x: list[list[float]], label: str, color: str, style: str = "-"):
-    """One line of a figure: the mean over seeds at every x, with a band of ± one std."""
+    """One line of a figure: the mean over seeds at every x, with a band of ± one (sample) std."""
     mean = [statistics.mean(v) for v in per_x]
-    std = [statistics.pstdev(v) for v in per_x]
+    std = [stats.std(v) for v in per_x]
     ax.plot(list(xs), mean, style, marker="o", color=color, label=label)
     ax.fill_between(list(xs), [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color,
                     alpha=0.15)
