@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
+import fair_tables  # noqa: E402 (fair.json's tables: experiments/fair.py prints the same ones)
 from common import UserError, atomic_write, run_cli  # noqa: E402
 from stats import mean_std, paired  # noqa: E402
 
@@ -381,6 +382,7 @@ TABLES = {f.__name__: f for f in (
     harmful, harmful_summary, harmful_steps, few_shot, few_shot_paired)}
 TABLES |= {f"{name}_{kind.lower()}": (lambda name=name, kind=kind: curve(name, kind))
            for name in ("ood_share", "ood_added", "data_scale") for kind in ("full", "LoRA")}
+TABLES |= {name: (lambda make=make: make(points("fair"))) for name, make in fair_tables.TABLES.items()}
 
 
 # --- the pages ------------------------------------------------------------------------------------------------

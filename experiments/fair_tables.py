@@ -1,0 +1,133 @@
+"""The fair comparison's tables, from its points (experiments/fair.py writes them to docs/fair.json).
+
+Every mode answers at its own learning rate: the rate of its sweep with the best mean answer match on ood_val over
+the seeds (never ood_test; a tie goes to the lower rate), per kind of fine-tuning. fair.py prints these tables and
+tools/report.py writes them into the docs, so the two never part. Plain Python, no torch, as stats.py.
+"""
+import statistics
+
+from stats import mean_std, paired
+
+FIXED = {"full": 7e-4, "LoRA": 2e-3}  # train.py's default rate and runs.KINDS's LoRA recipe's: the fixed column
+# Each kind's methods: (the sweep whose rate it chooses, the mode it answers in). TOA and TOF are full fine-tunes
+# of the attention only / the FFN only, answered as vanilla (the paper's baselines); vanilla, TAIA and TAIF are
+# three inferences of the same fine-tunes.
+METHODS = {"full": {"vanilla": ("full", "vanilla"), "TAIA": ("full", "taia"), "TAIF": ("full", "taif"),
+                    "TOA": ("TOA", "vanilla"), "TOF": ("TOF", "vanilla")},
+           "LoRA": {"vanilla": ("LoRA", "vanilla"), "TAIA": ("LoRA", "taia"), "TAIF": ("LoRA", "taif")}}
+ROUNDED = ", rounded: "  # a rerun's setting is the sweep's, this, and the change (e.g. ATEN_CPU_CAPABILITY=avx2)
+
+
+def setting(sweep: str, rate: float) -> str:
+    return f"{sweep} lr {rate:g}"  # e.g. "full lr 0.0007", "LoRA lr 0.002", "TOA lr 0.0007"
+
+
+def rate(name: str) -> float:
+    return float(name.split(ROUNDED)[0].split()[2])
+
+
+def scores(points, name: str, mode: str, test_set: str = "ood_test") -> list[float]:
+    """Answer match % of `mode` on `test_set` at setting `name`, one per seed, in seed order."""
+    found = sorted((p["seed"], p["answer_match"]) for p in points
+                   if p["setting"] == name and p["mode"] == mode and p["set"] == test_set)
+    if not found:
+        raise ValueError(f"no point for {name!r}, {mode}, {test_set}")
+    return [value for _, value in found]
+
+
+def sweep(points, name: str) -> list[str]:
+    """The settings of one sweep ("full", "LoRA", "TOA", "TOF"), by rate; reruns left out."""
+    names = {p["setting"] for p in points if p["setting"].split()[0] == name and ROUNDED not in p["setting"]}
+    return sorted(names, key=rate)
+
+
+def chosen(points, sweep_name: str, mode: str) -> str:
+    """The setting of the sweep where `mode` has the best mean answer match on ood_val (the lowest rate of a tie)."""
+    return max(sweep(points, sweep_name), key=lambda s: statistics.mean(scores(points, s, mode, "ood_val")))
+
+
+def rerun(points, name: str) -> str | None:
+    """The setting of name's rerun with only the floating-point rounding changed, if there is one."""
+    return next((p["setting"] for p in points if p["setting"].startswith(name + ROUNDED)), None)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def short(rate_: float) -> str:
+    mantissa, exponent = f"{rate_:.1e}".split("e")  # 0.0007 -> 7e-4, 0.0015 -> 1.5e-3
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def fair_headline(points) -> str:
+    """Each mode at its own best rate on ood_val beside all at the fixed rate, with TAIA's paired lead."""
+    rows = []
+    for kind, methods in METHODS.items():
+        picks = {"own": {m: chosen(points, *methods[m]) for m in methods},
+                 "fixed": {m: setting(methods[m][0], FIXED[kind]) for m in methods}}
+        taia = {how: scores(points, picks[how]["TAIA"], "taia") for how in picks}
+        for method in ("base", *methods):
+            runs_of = "TAIA" if method == "base" else method  # (the base answers alike in every run of a seed)
+            name, fixed = picks["own"][runs_of], picks["fixed"][runs_of]
+            mode = "base" if method == "base" else methods[method][1]
+            lead = {how: "-" if method == "TAIA" else paired(taia[how], scores(points, s, mode))
+                    for how, s in (("own", name), ("fixed", fixed))}
+            rows.append([kind if method == "base" else "", method, "-" if method == "base" else short(rate(name)),
+                         *(mean_std(scores(points, name, mode, t)) for t in ("ood_val", "ood_test", "knowledge")),
+                         lead["own"], mean_std(scores(points, fixed, mode)), lead["fixed"]])
+    return table(["fine-tuning", "mode", "its lr (best ood_val)", "ood_val", "ood_test", "knowledge",
+                  "TAIA − mode on ood_test [95% interval] (seeds TAIA ahead)",
+                  f"fixed lr ({', '.join(f'{k} {short(r)}' for k, r in FIXED.items())}): ood_test",
+                  "TAIA − mode at the fixed lr"], rows)
+
+
+def fair_lr(points) -> str:
+    """ood_test at every rate of the sweeps: TAIA's lead as a function of the learning rate."""
+    names = ("vanilla", "TAIA", "TAIF", "TOA", "TOF")
+    rows = []
+    for kind, methods in METHODS.items():
+        picks = {m: chosen(points, *methods[m]) for m in methods}
+        for s in sweep(points, kind):
+            cells = []
+            for m in names:
+                if m not in methods:
+                    cells.append("-")
+                    continue
+                at = setting(methods[m][0], rate(s))
+                cells.append(mean_std(scores(points, at, methods[m][1])) + (" *" if at == picks[m] else ""))
+            rows.append([kind, short(rate(s)), *cells, paired(scores(points, s, "taia"), scores(points, s, "vanilla"))])
+    seeds = len(scores(points, sweep(points, "full")[0], "taia"))
+    return (table(["fine-tuning", "lr", *names, "TAIA − vanilla [95% interval] (seeds TAIA ahead)"], rows)
+            + f"\n\nood_test, mean ± sample std over {seeds} seeds; * the rate the mode chose on ood_val.")
+
+
+def fair_rounding(points) -> str:
+    """Each mode at its chosen rate, as run and rerun with only the floating-point rounding changed."""
+    rows, change = [], None
+    for kind, methods in METHODS.items():
+        taia = chosen(points, *methods["TAIA"])
+        if rerun(points, taia) is None:
+            continue
+        change = rerun(points, taia).split(ROUNDED)[1]
+        runs = {"as run": scores(points, taia, "taia"), "rounded": scores(points, rerun(points, taia), "taia")}
+        for method in ("base", *methods):
+            name, mode = (taia, "base") if method == "base" else (chosen(points, *methods[method]), methods[method][1])
+            a, b = scores(points, name, mode), scores(points, rerun(points, name), mode)
+            moved = [abs(y - x) for x, y in zip(a, b)]
+            label = method if method == "base" else f"{method} ({short(rate(name))})"
+            rows.append([kind if method == "base" else "", label,
+                         mean_std(a), mean_std(b), paired(b, a), f"{statistics.mean(moved):.1f}, {max(moved):.1f}",
+                         *(("-", "-") if method == "TAIA" else
+                           (paired(runs["as run"], a), paired(runs["rounded"], b)))])
+    if change is None:
+        return "No reruns with the rounding changed in this data (fair.py --rounding none)."
+    return (table(["fine-tuning", "mode (its lr)", "ood_test as run", "rounded", "rounded − as run [95% interval] "
+                   "(seeds higher)", "per seed |rounded − as run|: mean, largest", "TAIA − mode as run",
+                   "TAIA − mode rounded"], rows)
+            + f"\n\nrounded: the same fine-tune and evaluation from the same base with {change} (the same random "
+            "draws, other floating-point rounding).")
+
+
+TABLES = {f.__name__: f for f in (fair_headline, fair_lr, fair_rounding)}
