@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))
 import fair_tables  # noqa: E402 (fair.json's tables: experiments/fair.py prints the same ones)
+import real_model_tables  # noqa: E402 (real_model.json's tables: experiments/real_model.py prints the same ones)
 from common import UserError, atomic_write, run_cli  # noqa: E402
 from stats import mean_std, paired  # noqa: E402
 
@@ -383,6 +384,8 @@ TABLES = {f.__name__: f for f in (
 TABLES |= {f"{name}_{kind.lower()}": (lambda name=name, kind=kind: curve(name, kind))
            for name in ("ood_share", "ood_added", "data_scale") for kind in ("full", "LoRA")}
 TABLES |= {name: (lambda make=make: make(points("fair"))) for name, make in fair_tables.TABLES.items()}
+TABLES |= {name: (lambda name=name: real_model_tables.tables(list(points("real_model")))[name])
+           for name in real_model_tables.NAMES}
 
 
 # --- the pages ------------------------------------------------------------------------------------------------
