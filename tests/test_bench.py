@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tools import bench
+from tools import bench, bench_real
 
 TINY = ["--dim", "32", "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2", "--hidden_dim", "48",
         "--vocab_size", "40", "--batch", "2", "--seq_len", "12", "--prompt_len", "16", "--new_tokens", "6",
@@ -80,11 +80,13 @@ def test_train_run_times_every_stage_of_the_real_train_py_per_contender(capsys):
     assert out.startswith("CPU: ") and "train.py --threads 1" in out
 
 
-@pytest.mark.parametrize("flags", [["--dim", "0"], ["--repeats", "x"], ["--dim", "30", "--n_heads", "4"],
-                                   ["--decode_batches", "1,-8"], ["--device", "tpu"], ["--train_run", "3x"]])
-def test_bad_flags_give_a_one_line_error_and_exit_2(flags, capsys):
+@pytest.mark.parametrize("program, flags", [
+    *(("bench", flags) for flags in (["--dim", "0"], ["--repeats", "x"], ["--dim", "30", "--n_heads", "4"],
+                                     ["--decode_batches", "1,-8"], ["--device", "tpu"], ["--train_run", "3x"])),
+    *(("bench_real", flags) for flags in (["--batch", "0"], ["--repeats", "x"], ["--memory_child", "them"]))])
+def test_bad_flags_give_a_one_line_error_and_exit_2(program, flags, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench.parse_args(flags)
+        {"bench": bench, "bench_real": bench_real}[program].parse_args(flags)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
