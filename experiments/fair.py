@@ -34,10 +34,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fair_tables  # noqa: E402
-from fair_tables import FIXED, METHODS, ROUNDED, chosen, setting  # noqa: E402
+from fair_tables import FIXED, ROUNDED, chosen, methods_in, setting  # noqa: E402
 from runs import KINDS, bases, finetune, parse_arguments, points, run_all, write_points  # noqa: E402
 
-from common import run_cli  # noqa: E402
+from common import UserError, run_cli  # noqa: E402
 from train import parse_args as parse_train_args  # noqa: E402
 
 FULL_LRS = (3e-5, 1e-4, 2e-4, 4e-4, 7e-4, 1.5e-3)
@@ -100,15 +100,20 @@ def main(argv=None):
         ("--lora_lrs", {"type": rates, "default": LORA_LRS, "metavar": "LR,LR,...",
                         "help": "LoRA's rates (default: %s; 2e-3 is always added)"
                                 % ",".join(f"{v:g}" for v in LORA_LRS)}),
+        ("--sweeps", {"default": ",".join(SWEEPS), "metavar": "NAME,...",
+                      "help": f"the sweeps to run, from {', '.join(SWEEPS)} (default: all)"}),
         ("--rounding", {"type": rounding, "default": "auto", "metavar": "NAME=VALUE|auto|none",
                         "help": "the environment change of the reruns at each mode's chosen rate (default: auto, "
                                 "ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine, else =default; none: no reruns)"})])
     # (the fixed column's rates are train.py's default and the LoRA recipe's: a change there must reach fair_tables)
     assert FIXED == {"full": parse_train_args([]).finetune_lr, "LoRA": float(KINDS["LoRA"][-1])}, FIXED
     lrs = {"full": args.full_lrs, "LoRA": args.lora_lrs, "TOA": args.full_lrs, "TOF": args.full_lrs}
+    wanted = args.sweeps.split(",")
+    if not {"full", "LoRA"} <= set(wanted) <= set(SWEEPS):
+        raise UserError(f"--sweeps {args.sweeps}: full and LoRA, and any of TOA, TOF")
     bases(args)
     sweeps = {}
-    for name, (prefix, flags, modes) in SWEEPS.items():
+    for name, (prefix, flags, modes) in ((name, SWEEPS[name]) for name in wanted):
         kind = "LoRA" if name == "LoRA" else "full"
         for lr in sorted(set(lrs[name]) | {FIXED[kind]}):
             sweeps[setting(name, lr)] = (f"fair_{prefix}_lr{lr:g}", [*flags, "--finetune_lr", lr], modes)
@@ -116,7 +121,8 @@ def main(argv=None):
     found = points(runs)
     if args.rounding:
         change = ",".join(f"{k}={v}" for k, v in args.rounding.items())
-        picked = dict.fromkeys(chosen(found, *method) for methods in METHODS.values() for method in methods.values())
+        picked = dict.fromkeys(chosen(found, *method) for methods in methods_in(found).values()
+                               for method in methods.values())
         folder = "_".join(f"{k}-{v}" for k, v in args.rounding.items()).lower()  # another change, other runs
         again = {name + ROUNDED + change: (f"{sweeps[name][0]}_{folder}", *sweeps[name][1:]) for name in picked}
         with environment(args.rounding):

@@ -41,6 +41,11 @@ def sweep(points, name: str) -> list[str]:
     return sorted(names, key=rate)
 
 
+def methods_in(points) -> dict:
+    """METHODS, less the methods whose sweep these points do not hold (fair.py --sweeps left it out)."""
+    return {kind: {m: how for m, how in methods.items() if sweep(points, how[0])} for kind, methods in METHODS.items()}
+
+
 def chosen(points, sweep_name: str, mode: str) -> str:
     """The setting of the sweep where `mode` has the best mean answer match on ood_val (the lowest rate of a tie)."""
     return max(sweep(points, sweep_name), key=lambda s: statistics.mean(scores(points, s, mode, "ood_val")))
@@ -64,7 +69,7 @@ def short(rate_: float) -> str:
 def fair_headline(points) -> str:
     """Each mode at its own best rate on ood_val beside all at the fixed rate, with TAIA's paired lead."""
     rows = []
-    for kind, methods in METHODS.items():
+    for kind, methods in methods_in(points).items():
         picks = {"own": {m: chosen(points, *methods[m]) for m in methods},
                  "fixed": {m: setting(methods[m][0], FIXED[kind]) for m in methods}}
         taia = {how: scores(points, picks[how]["TAIA"], "taia") for how in picks}
@@ -85,9 +90,9 @@ def fair_headline(points) -> str:
 
 def fair_lr(points) -> str:
     """ood_test at every rate of the sweeps: TAIA's lead as a function of the learning rate."""
-    names = ("vanilla", "TAIA", "TAIF", "TOA", "TOF")
+    names = [m for m in ("vanilla", "TAIA", "TAIF", "TOA", "TOF") if any(m in ms for ms in methods_in(points).values())]
     rows = []
-    for kind, methods in METHODS.items():
+    for kind, methods in methods_in(points).items():
         picks = {m: chosen(points, *methods[m]) for m in methods}
         for s in sweep(points, kind):
             cells = []
@@ -106,7 +111,7 @@ def fair_lr(points) -> str:
 def fair_rounding(points) -> str:
     """Each mode at its chosen rate, as run and rerun with only the floating-point rounding changed."""
     rows, change = [], None
-    for kind, methods in METHODS.items():
+    for kind, methods in methods_in(points).items():
         taia = chosen(points, *methods["TAIA"])
         if rerun(points, taia) is None:
             continue

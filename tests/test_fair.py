@@ -47,6 +47,11 @@ def test_each_mode_chooses_its_rate_on_ood_val_even_where_ood_test_disagrees():
     lead = fair_tables.fair_lr(points)
     assert f"| full | 2e-3 | {mean_std([60, 61, 62])} | {mean_std(taia)} * |" in lead, lead  # the choice marked
     assert [fair_tables.short(r) for r in (7e-4, 1.5e-3, 3e-5)] == ["7e-4", "1.5e-3", "3e-5"]
+    # fair.py --sweeps full,LoRA: the tables leave TOA and TOF out rather than fail on their missing points
+    without = [p for p in points if p["setting"].split()[0] not in ("TOA", "TOF")]
+    assert set(fair_tables.methods_in(without)["full"]) == {"vanilla", "TAIA", "TAIF"}
+    assert "TOA" not in fair_tables.fair_headline(without) + fair_tables.fair_lr(without)
+    assert "TOA" in headline
 
 
 def test_the_experiment_runs_every_sweep_through_train_py_and_reruns_the_chosen_fine_tunes(tmp_path):
