@@ -146,7 +146,7 @@ def draw(path: str, rows: list[dict]):
     import matplotlib.pyplot as plt
     from common import atomic_write
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), sharey=True)
-    colors = {"vanilla": "tab:red", "taia": "tab:blue", "taif": "tab:green", "auto": "tab:purple"}
+    colors = {"vanilla": "tab:red", "taia": "tab:blue", "taif": "tab:green"}
     base = {p["set"]: p["answer_match"] for p in rows if p["setting"] == "base"}
     for ax, (kind, name) in zip(axes, [(k, n) for k in KINDS for n in ("transfer_test", "retention_test")]):
         rates = RATES[kind]
