@@ -48,17 +48,26 @@ FRESH_FILTERS = [("default", None, DeprecationWarning, "__main__", 0), ("ignore"
                  ("ignore", None, ResourceWarning, None, 0)]
 
 
-def run_here(program: str, *args, cwd=None) -> subprocess.CompletedProcess:
+def run_here(program: str, *args, cwd=None, changed: dict | None = None) -> subprocess.CompletedProcess:
     """What run() returns, without the two seconds a new process spends starting Python and importing torch:
     the program's file runs in this process as __main__ (runpy), so that its last line calls main() through
     common.run_cli as it always does, under what run() gives a process (below, as_a_program). For a refusal
     or a short run whose outcome does not depend on having a process of its own; signals, torchrun, the
-    directory lock, a possible hang and the real program's traceback go through run()."""
+    directory lock, a possible hang and the real program's traceback go through run().
+    changed: {name: value} of the program's module-level names for this call, e.g. an experiment's grid cut
+    to a few points (the file runs as a module, the names are replaced, then its main() runs through run_cli)."""
     path = str(ROOT / program)
     status = 0
     with captured() as printed, as_a_program(path, list(map(str, args)), cwd):
         try:
-            runpy.run_path(path, run_name="__main__")
+            if changed:
+                from common import run_cli
+                main = runpy.run_path(path, run_name="__changed__")["main"]
+                assert changed.keys() <= main.__globals__.keys(), changed.keys() - main.__globals__.keys()
+                main.__globals__.update(changed)  # (the globals main() reads: its module's, not a copy)
+                run_cli(main)
+            else:
+                runpy.run_path(path, run_name="__main__")
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
                 status = e.code or 0

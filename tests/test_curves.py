@@ -3,13 +3,18 @@ curves.py (OOD share, data scale), lora_rank.py and worlds.py."""
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 from data.text import read_examples, read_lines
 from data.toy import (DOMAINS, KNOBS, NEW_FORMATS, QA_PROMPT, STATEMENTS, fine_tuning_sizes, generate,
                              make_world, with_defaults)
-from helpers import TINY, TINY_RUN, assert_one_line_error, run, run_here
+from helpers import ROOT, TINY, TINY_RUN, assert_one_line_error, run, run_here
 from test_safety_fewshot import DEFAULT_WORLD_0, entity
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from curves import CURVES  # noqa: E402
+from worlds import ONE_AT_A_TIME  # noqa: E402
 
 
 def sha(path) -> str:
@@ -115,36 +120,65 @@ def test_train_py_toy_world_flag(tmp_path):
                           'holds the toy world {"seed": 0, "knobs": {"id_set": "near", "finetune_size": 40, "ood_share": 0.5}}')
 
 
-def test_curve_lora_and_world_experiments_report_what_train_py_wrote(tmp_path):
-    tiny = ["--seeds", "1", "--root", tmp_path / "root", "--train_args",
+# The experiments at one seed of a tiny model, each over a few points of its grid (helpers.run_here's
+# `changed`): every run is a train.py program of its own, and the whole grids are what docs/*.json hold.
+CURVE_POINTS = {"ood_share": (0.0, 0.5), "data_scale": (30,)}
+
+
+def tiny(root):
+    return ["--seeds", "1", "--root", root, "--train_args",
             " ".join([*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"])]
-    curve = run_here("experiments/curves.py", "ood_share", *tiny, "--json", tmp_path / "c.json")
-    assert curve.returncode == 0, curve.stderr
-    written = json.loads((tmp_path / "root" / "seed_0" / "ood_share_0.5_full" / "results.json").read_text())
-    mixed = read_examples(tmp_path / "root" / "seed_0" / "ood_share_0.5_full" / "data" / "finetune_mixed.jsonl")
+
+
+def curve(name: str, *args):
+    return run_here("experiments/curves.py", name, *args,
+                    changed={"CURVES": {**CURVES, name: (CURVE_POINTS[name], *CURVES[name][1:])}})
+
+
+def test_the_curve_experiment_reports_what_train_py_wrote(tmp_path):
+    root = tmp_path / "root"
+    result = curve("ood_share", *tiny(root), "--json", tmp_path / "c.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((root / "seed_0" / "ood_share_0.5_full" / "results.json").read_text())
+    mixed = read_examples(root / "seed_0" / "ood_share_0.5_full" / "data" / "finetune_mixed.jsonl")
     assert len(mixed) == 240 and written["config"]["finetune"]["finetune_set"] == "mixed"
     row = "| 0.5 | " + " | ".join(f"{100 * written['results']['ood_test'][m]:5.1f} ±  0.0"
                                   for m in ("base", "vanilla", "taia", "taif")) + " |"
-    assert row in curve.stdout.split("LoRA fine-tuning")[0]
+    assert row in result.stdout.split("LoRA fine-tuning")[0]
     points = json.loads((tmp_path / "c.json").read_text())["points"]
     assert {p["setting"] for p in points} == {f"{kind}, ood_share {x}" for kind in ("full", "LoRA")
-                                              for x in (0.0, 0.25, 0.5, 0.75, 1.0)}
-    scale = run_here("experiments/curves.py", "data_scale", *tiny)
+                                              for x in CURVE_POINTS["ood_share"]}
+    scale = curve("data_scale", *tiny(root))  # on the same base
     assert scale.returncode == 0, scale.stderr
-    assert len(read_examples(tmp_path / "root" / "seed_0" / "data_scale_30_lora" / "data" / "finetune_ood.jsonl")) == 30
-    lora = run_here("experiments/lora_rank.py", *tiny)
+    assert len(read_examples(root / "seed_0" / "data_scale_30_lora" / "data" / "finetune_ood.jsonl")) == 30
+
+
+def test_the_lora_rank_experiment_reports_what_train_py_wrote(tmp_path):
+    lora = run_here("experiments/lora_rank.py", *tiny(tmp_path / "root"), changed={"RANKS": (1,), "LRS": ("5e-3",)})
     assert lora.returncode == 0, lora.stderr
     config = json.loads((tmp_path / "root" / "seed_0" / "lora_r1_a2_lr5e-3_200steps" / "results.json").read_text())
     assert {k: config["config"]["finetune"][k] for k in ("lora_rank", "lora_alpha", "finetune_lr")} == \
         {"lora_rank": 1, "lora_alpha": 2.0, "finetune_lr": 5e-3}
     assert lora.stdout.count("(chosen on ood_val)") == 1
-    worlds = run_here("experiments/worlds.py", *tiny, "--variants", "1")
+    chosen = re.search(r"\| 1 \| (\d+) \| 5e-3 \| 200 \(chosen on ood_val\) \|", lora.stdout)
+    for steps in (100, 400):  # the chosen setting, run again at other lengths
+        assert (tmp_path / "root" / "seed_0" / f"lora_r1_a{chosen.group(1)}_lr5e-3_{steps}steps" / "results.json").exists()
+
+
+def test_the_worlds_experiment_reports_what_train_py_wrote(tmp_path):
+    root = tmp_path / "root"
+    worlds = run_here("experiments/worlds.py", *tiny(root), "--variants", "1", changed={"ONE_AT_A_TIME": ONE_AT_A_TIME[:2]})
     assert worlds.returncode == 0, worlds.stderr
-    variant = tmp_path / "root" / "worlds" / "variant_0" / "seed_0" / "ood"
+    variant = root / "worlds" / "variant_0" / "seed_0" / "ood"
     stamp = json.loads((variant / "data" / "world.json").read_text())
     assert stamp["seed"] == 0 and stamp["knobs"]["templates"] == 2  # variant 0's draw
     result = json.loads((variant / "results.json").read_text())["results"]["ood_test"]
     assert f"{100 * result['taia'] - 100 * result['vanilla']:+.1f} |" in worlds.stdout.split("2. The default")[0]
+    moved = json.loads((root / "seed_0" / "knob_new_format_give" / "data" / "world.json").read_text())
+    assert moved["knobs"] == {"new_format": "give"} and "| new_format | give |" in worlds.stdout
+
+
+def test_the_experiments_refuse_flags_that_are_theirs_or_unknown(tmp_path):
     assert_one_line_error(run("experiments/curves.py", "ood_share", "--train_args=--toy_world=values=5"),
                           "the experiment chooses its world")
     # --train_args is read as lab.py reads it: an abbreviation is refused, not slipped past the guard, and the
