@@ -6,7 +6,7 @@ tools/report.py writes them into the docs, so the two never part. Plain Python, 
 """
 import statistics
 
-from stats import mean_std, paired
+from stats import mean_std, paired, table
 
 FIXED = {"full": 7e-4, "LoRA": 2e-3}  # train.py's default rate and runs.KINDS's LoRA recipe's: the fixed column
 # Each kind's methods: (the sweep whose rate it chooses, the mode it answers in). TOA and TOF are full fine-tunes
@@ -54,11 +54,6 @@ def chosen(points, sweep_name: str, mode: str) -> str:
 def rerun(points, name: str) -> str | None:
     """The setting of name's rerun with only the floating-point rounding changed, if there is one."""
     return next((p["setting"] for p in points if p["setting"].startswith(name + ROUNDED)), None)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 def short(rate_: float) -> str:

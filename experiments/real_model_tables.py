@@ -6,7 +6,7 @@ transfer_val over the seeds (never a test set; a tie goes to the lower rate), pe
 """
 import statistics
 
-from stats import mean_std, paired
+from stats import mean_std, paired, table
 
 RATES = {"full": (1e-5, 3e-5, 1e-4), "LoRA": (1e-4, 3e-4, 1e-3)}  # each kind's sweep of the learning rate
 MODES = ("vanilla", "taia", "taif")  # each fine-tune's; the base is scored once
@@ -25,11 +25,6 @@ def best_rates(rows: list[dict], kind: str) -> dict:
     return {mode: max(rates, key=lambda lr: (statistics.mean(scores(rows, f"{kind} lr {lr:g}", mode,
                                                                      "transfer_val")), -lr))
             for mode in MODES}
-
-
-def markdown(header: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def at_best(rows: list[dict], kind: str, names=REPORTED) -> tuple[dict, dict]:
@@ -51,7 +46,7 @@ def chosen_table(rows: list[dict], kind: str) -> str:
     body += [[mode, f"{best[mode]:g}", *(mean_std(found[mode][name]) for name in REPORTED)] for mode in MODES]
     body += [[f"taia − {other}", "", *(paired(found["taia"][name], found[other][name]) for name in REPORTED)]
              for other in ("vanilla", "taif")]
-    return markdown(["mode", "rate", *REPORTED], body)
+    return table(["mode", "rate", *REPORTED], body)
 
 
 def headline_table(rows: list[dict]) -> str:
@@ -64,7 +59,7 @@ def headline_table(rows: list[dict]) -> str:
             body.append([label if i == 0 else "", name, f"{base[name]:.1f}",
                          *(mean_std(found[mode][name]) for mode in MODES),
                          paired(found["taia"][name], found["vanilla"][name])])
-    return markdown(["fine-tuning (each mode's rate)", "test set", "base", *MODES,
+    return table(["fine-tuning (each mode's rate)", "test set", "base", *MODES,
                      "taia − vanilla [95% interval] (seeds ahead)"], body)
 
 
@@ -74,7 +69,7 @@ def sweep_table(rows: list[dict], kind: str) -> str:
     body = [[f"{lr:g}", mode, *(f"{statistics.mean(scores(rows, f'{kind} lr {lr:g}', mode, name)):.1f}"
                                 for name in names)]
             for lr in RATES[kind] for mode in MODES]
-    return markdown(["rate", "mode", *names], body)
+    return table(["rate", "mode", *names], body)
 
 
 MAKERS = {"chosen": chosen_table, "sweep": sweep_table}

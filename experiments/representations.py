@@ -20,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402
 from runs import (bases, figure, finetune, mean_std, paired, run_all,  # noqa: E402
                   parse_arguments, write_points)
 
@@ -93,7 +94,7 @@ def draw_ratios(ratios: dict, seeds, layers, path: str):
     def draw(ax):
         for name in MODELS:
             mean = [statistics.mean(ratios[name, s][layer] for s in seeds) for layer in layers]
-            std = [statistics.pstdev(ratios[name, s][layer] for s in seeds) for layer in layers]
+            std = [stats.std([ratios[name, s][layer] for s in seeds]) for layer in layers]  # (sample std)
             ax.errorbar(list(layers), mean, yerr=std, marker="o", capsize=3, label=name)
     figure(path, layers, "layer (0: embeddings)", "||H − 1 hᵀ|| / ||H||",
            "what is left after the token-uniform part, ood_test prompts", draw)

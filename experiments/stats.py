@@ -56,3 +56,9 @@ def detectable(a: list[float], b: list[float]) -> bool:
     """Whether the 95% interval of a - b excludes zero: the only case where the docs may say "beats"."""
     low, high = interval([x - y for x, y in zip(a, b, strict=True)])
     return low > 0 or high < 0
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table: the header, then one line per row (every table the docs generate)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])

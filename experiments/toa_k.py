@@ -16,6 +16,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402
 from runs import KINDS as RECIPES  # noqa: E402
 from runs import bases, figure, finetune, mean_std, paired, parse_arguments, run_all, write_points  # noqa: E402
 
@@ -59,7 +60,7 @@ def draw_curves(curves: dict, ks, path: str):
             for name, style in (("ood_test", "-"), ("knowledge", ":")):
                 values = [[100 * r["results"][name]["taia"] for r in curves[kind, k]] for k in ks]
                 mean = [statistics.mean(v) for v in values]
-                std = [statistics.pstdev(v) for v in values]
+                std = [stats.std(v) for v in values]  # (sample std)
                 ax.plot(list(ks), mean, style, marker="o", color=color, label=f"{kind}, {name}")
                 if name == "ood_test":
                     ax.fill_between(list(ks), [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],

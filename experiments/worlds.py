@@ -89,8 +89,7 @@ def main(argv=None):
         gaps.append(score(r, "taia") - score(r, "vanilla"))
         print(f"| {i} | {' | '.join(str(v) for v in draw_variant(i).values())} | {score(r, 'base', 'knowledge'):.1f} | "
               f"{' | '.join(f'{score(r, m):.1f}' for m in MODES)} | {gaps[-1]:+.1f} |")
-    print(f"TAIA − vanilla over the variants: {statistics.mean(gaps):+.1f} ± {statistics.pstdev(gaps):.1f}, "
-          f"TAIA ahead in {sum(g > 0 for g in gaps)}/{len(gaps)}")
+    print(f"TAIA − vanilla over the variants (95% interval, variants TAIA ahead): {paired(gaps, [0] * len(gaps))}")
     print(f"\n2. The default world's bases, one knob moved at a time, full fine-tuning, mean ± std over {args.seeds} "
           "seeds")
     print("| knob | value | base | vanilla | TAIA | TAIF | TAIA − vanilla |\n|---|---|---|---|---|---|---|")
