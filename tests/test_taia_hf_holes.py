@@ -6,12 +6,11 @@ exit status 2 with nothing written. Tiny random models built from transformers' 
 import hashlib
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
 
-from helpers import assert_one_line_error, needs_transformers, run, start, transformers
+from helpers import assert_one_line_error, needs_transformers, run_here, transformers
 from test_hf_families import FAMILIES, build_like, logits, save
 
 pytestmark = needs_transformers
@@ -72,7 +71,7 @@ def test_fan_in_fan_out_is_decided_per_layer_type_as_peft_does(tmp_path):
     adapter = trained_adapter(gpt2, tmp_path / "gpt2_adapter", target_modules=r".*(attn\.c_proj|lm_head)",
                               fan_in_fan_out=True)
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is False
-    result = run("taia_hf.py", "lora", tmp_path / "gpt2", adapter, tmp_path / "gpt2_out", "--mode", "vanilla")
+    result = run_here("taia_hf.py", "lora", tmp_path / "gpt2", adapter, tmp_path / "gpt2_out", "--mode", "vanilla")
     assert result.returncode == 0, result.stderr
     assert_same_model(tmp_path / "gpt2_out", peft_merged(gpt2, adapter, tmp_path), gpt2)
 
@@ -81,7 +80,7 @@ def test_fan_in_fan_out_is_decided_per_layer_type_as_peft_does(tmp_path):
     adapter = edit_config(trained_adapter(llama, tmp_path / "llama_adapter",
                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
                           fan_in_fan_out=True)
-    result = run("taia_hf.py", "lora", tmp_path / "llama", adapter, tmp_path / "llama_out")
+    result = run_here("taia_hf.py", "lora", tmp_path / "llama", adapter, tmp_path / "llama_out")
     assert result.returncode == 0, result.stderr
     assert_same_model(tmp_path / "llama_out", peft_merged(llama, adapter, tmp_path), llama)
 
@@ -92,13 +91,13 @@ def test_head_adapter_is_merged_only_when_asked(tmp_path):
     base = tiny("llama")
     save(base, tmp_path / "base")
     adapter = trained_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
-    result = run("taia_hf.py", "lora", tmp_path / "base", adapter, tmp_path / "taia")
+    result = run_here("taia_hf.py", "lora", tmp_path / "base", adapter, tmp_path / "taia")
     assert result.returncode == 0, result.stderr
     assert "merged 2 LoRA deltas (attention: q_proj x2)" in result.stdout, result.stdout
     assert "dropped 1 (head: lm_head x1)" in result.stdout, result.stdout
     assert_same_model(tmp_path / "taia", peft_merged(base, adapter, tmp_path, target_modules=["q_proj"]), base)
 
-    result = run("taia_hf.py", "lora", tmp_path / "base", adapter, tmp_path / "with_head", "--weights", "head=1")
+    result = run_here("taia_hf.py", "lora", tmp_path / "base", adapter, tmp_path / "with_head", "--weights", "head=1")
     assert result.returncode == 0, result.stderr
     assert "(attention: q_proj x2; head: lm_head x1)" in result.stdout, result.stdout
     assert_same_model(tmp_path / "with_head", peft_merged(base, adapter, tmp_path), base)
@@ -110,13 +109,13 @@ def test_adapter_files_beside_the_model_are_not_copied_into_out(tmp_path):
     base = tiny("llama")
     save(base, tmp_path / "base")
     trained_adapter(base, tmp_path / "base", target_modules=["q_proj", "v_proj", "up_proj"])
-    result = run("taia_hf.py", "lora", tmp_path / "base", tmp_path / "base", tmp_path / "lora_out")
+    result = run_here("taia_hf.py", "lora", tmp_path / "base", tmp_path / "base", tmp_path / "lora_out")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "lora_out" / "adapter_config.json").exists()
     reference = peft_merged(base, tmp_path / "base", tmp_path, target_modules=["q_proj", "v_proj"])
     assert_same_model(tmp_path / "lora_out", reference, base)  # transformers loads it as a model
 
-    result = run("taia_hf.py", "full", tmp_path / "base", tmp_path / "base", tmp_path / "full_out")
+    result = run_here("taia_hf.py", "full", tmp_path / "base", tmp_path / "base", tmp_path / "full_out")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "full_out" / "adapter_config.json").exists()
     assert torch.equal(logits(tmp_path / "full_out"), logits(base))
@@ -128,7 +127,7 @@ def test_layers_to_transform_is_honoured_when_the_file_agrees(tmp_path):
     base = tiny("llama")
     save(base, tmp_path / "base")
     adapter = trained_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "o_proj"], layers_to_transform=[0])
-    result = run("taia_hf.py", "lora", tmp_path / "base", adapter, tmp_path / "out")
+    result = run_here("taia_hf.py", "lora", tmp_path / "base", adapter, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "merged 2 LoRA deltas (attention: o_proj x1, q_proj x1)" in result.stdout, result.stdout
     assert_same_model(tmp_path / "out", peft_merged(base, adapter, tmp_path), base)
@@ -201,8 +200,8 @@ def digests(root) -> dict:
 
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory):
-    """Every case of REFUSED run once (two at a time: each is mostly the second it takes to import torch):
-    root, {case: the finished process}, the input folders' files before and after."""
+    """Every case of REFUSED run once (in this process: helpers.run_here): root, {case: the finished program},
+    the input folders' files before and after."""
     root = tmp_path_factory.mktemp("refused")
     base, tied = tiny("llama"), tiny("llama", tie_word_embeddings=True)
     tuned = build_like(base)
@@ -228,14 +227,8 @@ def refused(tmp_path_factory):
     before = digests(root)
     for case in PRE_MADE_OUT:
         out_dir(root, case).mkdir()
-    cases = list(REFUSED.items())
-    results = {}
-    for pair in (cases[i:i + 2] for i in range(0, len(cases), 2)):
-        running = [(case, start("taia_hf.py", command, root / a, root / b, out_dir(root, case), *flags))
-                   for case, ((command, a, b, *flags), _) in pair]
-        for case, process in running:
-            stdout, stderr = process.communicate(timeout=120)
-            results[case] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    results = {case: run_here("taia_hf.py", command, root / a, root / b, out_dir(root, case), *flags)
+               for case, ((command, a, b, *flags), _) in REFUSED.items()}
     return root, results, before, digests(root)
 
 
