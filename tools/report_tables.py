@@ -241,28 +241,31 @@ def curves_targets() -> str:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**not met**"
     vanilla, taia, base = (list(along("ood_share", "full", m).values()) for m in ("vanilla", "taia", "base"))
-    share = {kind: list(ahead("ood_share", kind).values()) for kind in ("full", "LoRA")}
-    variants = [s for s in settings("worlds") if s.startswith("variant")]
-    world = {m: [scores("worlds", s, m)[0] for s in variants] for m in ("taia", "vanilla", "base")}
-    v, t = lora_best("vanilla", settings("lora_rank")), lora_best("taia", settings("lora_rank"))
-    lora = (scores("lora_rank", t, "taia"), scores("lora_rank", v, "vanilla"))
     rows = [["OOD share, full: vanilla falls at every step of the share",
-             verdict(all(a > b for a, b in zip(map(statistics.mean, vanilla), map(statistics.mean, vanilla[1:])))),
+             verdict(all(statistics.mean(a) > statistics.mean(b) for a, b in zip(vanilla, vanilla[1:]))),
              "vanilla " + at_each(along("ood_share", "full", "vanilla"))],
             ["OOD share, full: TAIA above the base at every share", verdict(all(map(detectable, taia, base))),
-             "TAIA − base " + at_each(dict(zip(along("ood_share", "full", "taia"), zip(taia, base))))],
-            *([f"TAIA − vanilla grows (in the mean) at every step of the share, {kind}",
-               verdict(all(gap(a) < gap(b) for a, b in zip(share[kind], share[kind][1:]))),
-               at_each(ahead("ood_share", kind))] for kind in ("full", "LoRA")),
-            *([f"data scale, {kind}: TAIA − vanilla smaller (in the mean) at the largest size than at the smallest",
-               verdict(gap(pairs[-1]) < gap(pairs[0])), at_each({x: pairs[i] for i, x in ((0, xs[0]), (-1, xs[-1]))})]
-              for kind in ("full", "LoRA") for xs, pairs in [tuple(zip(*ahead("data_scale", kind).items()))]),
-            [f"{len(variants)} random worlds (target >= 5): TAIA ahead of vanilla",
-             verdict(len(variants) >= 5 and detectable(world["taia"], world["vanilla"])),
-             f"{paired(world['taia'], world['vanilla'])}; TAIA below the base in "
-             f"{sum(map(float.__lt__, world['taia'], world['base']))} of {len(variants)}"],
-            ["LoRA, each mode at its own best setting on ood_val: TAIA ahead of vanilla", verdict(detectable(*lora)),
-             paired(*lora)]]
+             "TAIA − base " + at_each(dict(zip(along("ood_share", "full", "taia"), zip(taia, base))))]]
+    for kind in ("full", "LoRA"):
+        share = list(ahead("ood_share", kind).values())
+        rows.append([f"OOD share, {kind}: TAIA − vanilla grows (in the mean) at every step of the share",
+                     verdict(all(gap(a) < gap(b) for a, b in zip(share, share[1:]))), at_each(ahead("ood_share", kind))])
+    for kind in ("full", "LoRA"):
+        scale = ahead("data_scale", kind)
+        ends = {x: scale[x] for x in (min(scale, key=float), max(scale, key=float))}
+        smallest, largest = ends.values()
+        rows.append([f"data scale, {kind}: TAIA − vanilla smaller (in the mean) at the largest size than at the "
+                     "smallest", verdict(gap(largest) < gap(smallest)), at_each(ends)])
+    variants = [s for s in settings("worlds") if s.startswith("variant")]
+    world = {m: [scores("worlds", s, m)[0] for s in variants] for m in ("taia", "vanilla", "base")}
+    below = sum(t < b for t, b in zip(world["taia"], world["base"]))
+    rows.append([f"{len(variants)} random worlds (target >= 5): TAIA ahead of vanilla",
+                 verdict(len(variants) >= 5 and detectable(world["taia"], world["vanilla"])),
+                 f"{paired(world['taia'], world['vanilla'])}; TAIA below the base in {below} of {len(variants)}"])
+    v, t = lora_best("vanilla", settings("lora_rank")), lora_best("taia", settings("lora_rank"))
+    lora = (scores("lora_rank", t, "taia"), scores("lora_rank", v, "vanilla"))
+    rows.append(["LoRA, each mode at its own best setting on ood_val: TAIA ahead of vanilla", verdict(detectable(*lora)),
+                 paired(*lora)])
     return table(["target", "verdict (above, ahead: the 95% interval excludes zero)", "measured (ood_test; TAIA − vanilla: "
                   "mean [95% interval] (seeds ahead))"], rows)
 
