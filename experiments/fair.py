@@ -1,6 +1,6 @@
 """The fair comparison (issue 29): every mode at its own best fine-tuning learning rate, over 10 seeds.
 
-    python experiments/fair.py --json docs/fair.json     # about an hour on an idle 2-core machine; resumable
+    python experiments/fair.py --json docs/fair.json     # 85 minutes on an idle 2-core AMD EPYC; resumable
 
 For every seed's base (pretrained once, shared with the other experiments in --root), fine-tunes by train.py:
 - full fine-tuning at each rate of --full_lrs, evaluated as base, vanilla, TAIA and TAIF;
@@ -22,7 +22,9 @@ avx2 on an AVX-512 machine, else default), which is what another machine runs. O
 MKL's instruction set changes no bit (machinery/threads.py checks the first), --micro_batch would change LoRA's
 dropout masks, while the kernels change gradients and scores but draw the same dropout masks and initial
 adapters. The base is not pretrained again, so this is the fine-tune's and evaluation's share of a machine's
-effect only. Prints the tables tools/report.py writes into the docs (fair_tables); --json writes every point.
+effect only; for the whole of it, run the command with ATEN_CPU_CAPABILITY set in the environment, in another
+--root, with --rounding none (docs/results.md#machine-sensitivity). Prints the tables tools/report.py writes into
+the docs (fair_tables); --json writes every point and the kernels ATen ran the runs with (cpu_capability).
 Resumable: a second run skips what is finished (runs.py) and only evaluates again.
 """
 import argparse
@@ -128,7 +130,8 @@ def main(argv=None):
         with environment(args.rounding):
             reruns = run_settings(args, again)
         found += points(reruns)
-    write_points(args.json, found)
+    # (the kernels ATen ran the runs with, the reruns' aside: ATEN_CPU_CAPABILITY set for the whole command shows here)
+    write_points(args.json, found, cpu_capability=torch.backends.cpu.get_cpu_capability())
     titles = {"fair_headline": f"Each mode at its own best learning rate on ood_val, and at the fixed rate: answer "
                                f"match %, mean ± sample std over {args.seeds} seeds",
               "fair_lr": "TAIA's lead against the fine-tuning learning rate",

@@ -43,6 +43,9 @@ def sweep(points, name: str) -> list[str]:
 
 def methods_in(points) -> dict:
     """METHODS, less the methods whose sweep these points do not hold (fair.py --sweeps left it out)."""
+    missing = [kind for kind in METHODS if not sweep(points, kind)]
+    if missing:  # (fair.py always runs both)
+        raise ValueError(f"no points of the {' and '.join(missing)} sweep")
     return {kind: {m: how for m, how in methods.items() if sweep(points, how[0])} for kind, methods in METHODS.items()}
 
 
@@ -103,31 +106,52 @@ def fair_lr(points) -> str:
             + f"\n\nood_test, mean ± sample std over {seeds} seeds; * the rate the mode chose on ood_val.")
 
 
+def moved(points, again, test_set: str = "ood_test") -> list[list]:
+    """A row per kind and mode at its chosen rate: its scores in `points` against again(setting, mode, test_set),
+    the same fine-tune made once more another way; how far the seeds moved, and TAIA's lead in each."""
+    rows = []
+    for kind, methods in methods_in(points).items():
+        picked = {m: (chosen(points, *how), how[1]) for m, how in methods.items()}
+        picked = {"base": (picked["TAIA"][0], "base"), **picked}  # (the base is the same in every setting)
+        first = {m: scores(points, *how, test_set) for m, how in picked.items()}
+        second = {m: again(*how, test_set) for m, how in picked.items()}
+        for method, (name, _) in picked.items():
+            a, b = first[method], second[method]
+            moved_by = [abs(y - x) for x, y in zip(a, b)]
+            rows.append([kind if method == "base" else "", method if method == "base" else f"{method} "
+                         f"({short(rate(name))})", mean_std(a), mean_std(b), paired(b, a),
+                         f"{statistics.mean(moved_by):.1f}, {max(moved_by):.1f}",
+                         *(("-", "-") if method == "TAIA" else
+                           (paired(first["TAIA"], a), paired(second["TAIA"], b)))])
+    return rows
+
+
 def fair_rounding(points) -> str:
     """Each mode at its chosen rate, as run and rerun with only the floating-point rounding changed."""
-    rows, change = [], None
-    for kind, methods in methods_in(points).items():
-        taia = chosen(points, *methods["TAIA"])
-        if rerun(points, taia) is None:
-            continue
-        change = rerun(points, taia).split(ROUNDED)[1]
-        runs = {"as run": scores(points, taia, "taia"), "rounded": scores(points, rerun(points, taia), "taia")}
-        for method in ("base", *methods):
-            name, mode = (taia, "base") if method == "base" else (chosen(points, *methods[method]), methods[method][1])
-            a, b = scores(points, name, mode), scores(points, rerun(points, name), mode)
-            moved = [abs(y - x) for x, y in zip(a, b)]
-            label = method if method == "base" else f"{method} ({short(rate(name))})"
-            rows.append([kind if method == "base" else "", label,
-                         mean_std(a), mean_std(b), paired(b, a), f"{statistics.mean(moved):.1f}, {max(moved):.1f}",
-                         *(("-", "-") if method == "TAIA" else
-                           (paired(runs["as run"], a), paired(runs["rounded"], b)))])
+    change = next((p["setting"].split(ROUNDED)[1] for p in points if ROUNDED in p["setting"]), None)
     if change is None:
         return "No reruns with the rounding changed in this data (fair.py --rounding none)."
+    rows = moved(points, lambda name, mode, test_set: scores(points, rerun(points, name), mode, test_set))
     return (table(["fine-tuning", "mode (its lr)", "ood_test as run", "rounded", "rounded − as run [95% interval] "
                    "(seeds higher)", "per seed |rounded − as run|: mean, largest", "TAIA − mode as run",
                    "TAIA − mode rounded"], rows)
             + f"\n\nrounded: the same fine-tune and evaluation from the same base with {change} (the same random "
             "draws, other floating-point rounding).")
+
+
+def fair_machine(points, elsewhere, kernels: tuple[str, str], test_set: str = "ood_test") -> str:
+    """Each mode at the rate it chose in `points`, against the same settings in `elsewhere`: the whole run, its
+    bases' pretraining included, made again with ATen's kernels for another CPU (kernels: the two, as named)."""
+    here, there = kernels
+    if here == there:
+        raise ValueError(f"both sets of runs used the {here} kernels: nothing was changed")
+    rows = moved(points, lambda name, mode, test_set: scores(elsewhere, name, mode, test_set), test_set)
+    return (table(["fine-tuning", "mode (its lr)", f"{test_set}, {here} kernels", f"{there} kernels",
+                   f"{there} − {here} [95% interval] (seeds higher)", "per seed |difference|: mean, largest",
+                   f"TAIA − mode, {here}", f"TAIA − mode, {there}"], rows)
+            + f"\n\n{there}: the same seeds, recipe and rates, every base pretrained again and every fine-tune and "
+            f"evaluation made again with ATen's {there} kernels (the same random draws, other floating-point "
+            "rounding from the first step of pretraining).")
 
 
 TABLES = {f.__name__: f for f in (fair_headline, fair_lr, fair_rounding)}

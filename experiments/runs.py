@@ -183,9 +183,10 @@ def points(runs: dict) -> list[dict]:
             for name in r["results"] for mode in r["results"][name]]
 
 
-def write_points(path: str | None, points: list[dict]):
+def write_points(path: str | None, points: list[dict], **about):
+    """{"points": points, **about} to path (about: what the points need to be read right, e.g. the CPU's kernels)."""
     if path:
-        write_json(path, {"points": points})
+        write_json(path, {"points": points, **about})
         print(f"wrote {path}")
 
 

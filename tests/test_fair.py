@@ -4,6 +4,7 @@ only the rounding changed, and prints the tables tools/report.py writes from its
 import json
 import sys
 
+import pytest
 import torch
 
 from helpers import ROOT, TINY, run_here
@@ -54,13 +55,39 @@ def test_each_mode_chooses_its_rate_on_ood_val_even_where_ood_test_disagrees():
     assert "TOA" in headline
 
 
+def test_the_machine_table_compares_each_mode_at_the_rate_it_chose_with_the_same_settings_made_again():
+    def score(sweep, rate, mode, name, seed):
+        return (40 if (mode == "taia") == (rate == 2e-3) else 20) + seed
+    points = made_points(score)
+    # made again: TAIA two points lower in seed 0, vanilla four higher in every seed, the rest the same
+    elsewhere = [dict(p, answer_match=p["answer_match"] + (4 if p["mode"] == "vanilla" else
+                                                           -2 if p["mode"] == "taia" and p["seed"] == 0 else 0))
+                 for p in points]
+    text = fair_tables.fair_machine(points, elsewhere, ("AVX512", "AVX2"))
+    taia, vanilla = [40, 41, 42], [40, 41, 42]  # each at its own rate: TAIA 2e-3, vanilla 7e-4
+    again = {"taia": [38, 41, 42], "vanilla": [44, 45, 46]}
+    assert (f"| TAIA (2e-3) | {mean_std(taia)} | {mean_std(again['taia'])} | {paired(again['taia'], taia)} | "
+            "0.7, 2.0 | - | - |") in text, text
+    assert (f"| vanilla (7e-4) | {mean_std(vanilla)} | {mean_std(again['vanilla'])} | "
+            f"{paired(again['vanilla'], vanilla)} | 4.0, 4.0 | {paired(taia, vanilla)} | "
+            f"{paired(again['taia'], again['vanilla'])} |") in text, text
+    assert "AVX2 − AVX512" in text and "knowledge, AVX512" in fair_tables.fair_machine(
+        points, elsewhere, ("AVX512", "AVX2"), "knowledge")
+    with pytest.raises(ValueError, match="nothing was changed"):
+        fair_tables.fair_machine(points, elsewhere, ("AVX2", "AVX2"))
+    with pytest.raises(ValueError, match="no point for 'full lr 0.002'"):  # a chosen setting not made again
+        fair_tables.fair_machine(points, [p for p in elsewhere if p["setting"] != "full lr 0.002"], ("A", "B"))
+
+
 def test_the_experiment_runs_every_sweep_through_train_py_and_reruns_the_chosen_fine_tunes(tmp_path):
     root, out = tmp_path / "runs", tmp_path / "fair.json"
     flags = [*TINY, "--pretrain_steps", "2", "--finetune_steps", "2"]
     result = run_here("experiments/fair.py", "--root", root, "--seeds", "1", "--full_lrs", "1e-3", "--lora_lrs",
                       "2e-3", "--train_args", " ".join(flags), "--json", out)
     assert result.returncode == 0, result.stderr
-    points = json.loads(out.read_text())["points"]
+    written = json.loads(out.read_text())
+    points = written["points"]
+    assert written["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels the runs used
     settings = set(p["setting"] for p in points)
     sweeps = {"full lr 0.0007", "full lr 0.001", "LoRA lr 0.002", "TOA lr 0.0007", "TOA lr 0.001", "TOF lr 0.0007",
               "TOF lr 0.001"}

@@ -1,5 +1,6 @@
 """The docs and their data: every generated table in README.md and docs/*.md is what tools/report.py writes from
 docs/*.json, and the statistics it writes them with are right on a case worked by hand."""
+import json
 import math
 import shutil
 import subprocess
@@ -73,3 +74,17 @@ def test_a_broken_marker_is_one_line(tmp_path, broken, words):
     (repo / "docs" / "extra.md").write_text(f"# extra\n\n{broken}\n")
     result = run_report("--check", repo=repo)
     assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spoil, words", [(lambda f: f.unlink(), "No such file"),
+                                          (lambda f: f.write_text('{"points": ['), "Expecting"),
+                                          (lambda f: f.write_text('{"points": []}'), "no points of the full and LoRA"),
+                                          (lambda f: f.write_text(json.dumps({"points": [
+                                              p for p in json.loads(f.read_text())["points"]
+                                              if p["set"] != "knowledge"]})), "no point for")])
+def test_a_table_whose_json_is_missing_or_spoilt_is_one_line(tmp_path, spoil, words):
+    repo = copy_of_the_docs(tmp_path)
+    spoil(repo / "docs" / "fair.json")
+    result = run_report("--check", repo=repo)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "README.md: table fair_headline: " in result.stderr and words in result.stderr, result.stderr

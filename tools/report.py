@@ -38,7 +38,10 @@ def render(text: str, where: str) -> tuple[str, list[str]]:
         start, name, old, end = match.groups()
         if name not in TABLES:
             raise UserError(f"{where}: no table named {name!r} (tools/report.py knows {', '.join(TABLES)})")
-        new = TABLES[name]() + "\n"
+        try:
+            new = TABLES[name]() + "\n"
+        except (OSError, ValueError, KeyError) as e:  # its docs/*.json missing, not JSON, or without its points
+            raise UserError(f"{where}: table {name}: {e}") from None
         if new != old:
             changed.append(name)
         return start + new + end

@@ -26,15 +26,20 @@ def read_from(docs: Path):
     """Read the points from this docs/ folder from now on (another checkout's: report.py --repo)."""
     global DOCS
     DOCS = docs
-    points.cache_clear()
+    about.cache_clear()
 
 
 # --- reading the points -------------------------------------------------------------------------------------
 
 @cache
-def points(name: str) -> tuple:
+def about(name: str) -> dict:
+    """docs/NAME.json whole: its points and what the experiment wrote beside them (fair.py: cpu_capability)."""
     with open(DOCS / f"{name}.json") as f:
-        return tuple(json.load(f)["points"])
+        return json.load(f)
+
+
+def points(name: str) -> tuple:
+    return tuple(about(name)["points"])
 
 
 def settings(name: str) -> list[str]:
@@ -425,5 +430,8 @@ TABLES = {f.__name__: f for f in (
 TABLES |= {f"{name}_{kind.lower()}": (lambda name=name, kind=kind: curve(name, kind))
            for name in ("ood_share", "ood_added", "data_scale") for kind in ("full", "LoRA")}
 TABLES |= {name: (lambda make=make: make(points("fair"))) for name, make in fair_tables.TABLES.items()}
+TABLES |= {f"fair_machine_{test_set}": (lambda test_set=test_set: fair_tables.fair_machine(
+    points("fair"), points("fair_machine"), (about("fair")["cpu_capability"], about("fair_machine")["cpu_capability"]),
+    test_set)) for test_set in ("ood_test", "knowledge")}
 TABLES |= {name: (lambda name=name: real_model_tables.tables(list(points("real_model")))[name])
            for name in real_model_tables.NAMES}
