@@ -106,9 +106,10 @@ def fair_lr(points) -> str:
             + f"\n\nood_test, mean ± sample std over {seeds} seeds; * the rate the mode chose on ood_val.")
 
 
-def moved(points, again, test_set: str = "ood_test") -> list[list]:
+def moved(points, again, test_set: str = "ood_test", pooled: bool = False) -> list[list]:
     """A row per kind and mode at its chosen rate: its scores in `points` against again(setting, mode, test_set),
-    the same fine-tune made once more another way; how far the seeds moved, and TAIA's lead in each."""
+    the same fine-tune made once more another way; how far the seeds moved, and TAIA's lead in each (pooled: and
+    in both, each seed's mean of the two ways, so that a seed still counts once)."""
     rows = []
     for kind, methods in methods_in(points).items():
         picked = {m: (chosen(points, *how), how[1]) for m, how in methods.items()}
@@ -121,9 +122,14 @@ def moved(points, again, test_set: str = "ood_test") -> list[list]:
             rows.append([kind if method == "base" else "", method if method == "base" else f"{method} "
                          f"({short(rate(name))})", mean_std(a), mean_std(b), paired(b, a),
                          f"{statistics.mean(moved_by):.1f}, {max(moved_by):.1f}",
-                         *(("-", "-") if method == "TAIA" else
-                           (paired(first["TAIA"], a), paired(second["TAIA"], b)))])
+                         *(("-",) * (2 + pooled) if method == "TAIA" else
+                           (paired(first["TAIA"], a), paired(second["TAIA"], b))
+                           + ((paired(halfway(first["TAIA"], second["TAIA"]), halfway(a, b)),) if pooled else ()))])
     return rows
+
+
+def halfway(a: list[float], b: list[float]) -> list[float]:
+    return [(x + y) / 2 for x, y in zip(a, b, strict=True)]
 
 
 def fair_rounding(points) -> str:
@@ -145,10 +151,10 @@ def fair_machine(points, elsewhere, kernels: tuple[str, str], test_set: str = "o
     here, there = kernels
     if here == there:
         raise ValueError(f"both sets of runs used the {here} kernels: nothing was changed")
-    rows = moved(points, lambda name, mode, test_set: scores(elsewhere, name, mode, test_set), test_set)
+    rows = moved(points, lambda name, mode, test_set: scores(elsewhere, name, mode, test_set), test_set, pooled=True)
     return (table(["fine-tuning", "mode (its lr)", f"{test_set}, {here} kernels", f"{there} kernels",
                    f"{there} − {here} [95% interval] (seeds higher)", "per seed |difference|: mean, largest",
-                   f"TAIA − mode, {here}", f"TAIA − mode, {there}"], rows)
+                   f"TAIA − mode, {here}", f"TAIA − mode, {there}", "TAIA − mode, both (each seed's mean)"], rows)
             + f"\n\n{there}: the same seeds, recipe and rates, every base pretrained again and every fine-tune and "
             f"evaluation made again with ATen's {there} kernels (the same random draws, other floating-point "
             "rounding from the first step of pretraining).")

@@ -67,10 +67,12 @@ def test_the_machine_table_compares_each_mode_at_the_rate_it_chose_with_the_same
     taia, vanilla = [40, 41, 42], [40, 41, 42]  # each at its own rate: TAIA 2e-3, vanilla 7e-4
     again = {"taia": [38, 41, 42], "vanilla": [44, 45, 46]}
     assert (f"| TAIA (2e-3) | {mean_std(taia)} | {mean_std(again['taia'])} | {paired(again['taia'], taia)} | "
-            "0.7, 2.0 | - | - |") in text, text
+            "0.7, 2.0 | - | - | - |") in text, text
+    both = {"taia": [39, 41, 42], "vanilla": [42, 43, 44]}  # each seed's mean of the two runs
     assert (f"| vanilla (7e-4) | {mean_std(vanilla)} | {mean_std(again['vanilla'])} | "
             f"{paired(again['vanilla'], vanilla)} | 4.0, 4.0 | {paired(taia, vanilla)} | "
-            f"{paired(again['taia'], again['vanilla'])} |") in text, text
+            f"{paired(again['taia'], again['vanilla'])} | {paired(both['taia'], both['vanilla'])} |") in text, text
+    assert paired(both["taia"], both["vanilla"]).startswith(" -2.3 ")  # (-3 -2 -2) / 3: TAIA - vanilla over both
     assert "AVX2 − AVX512" in text and "knowledge, AVX512" in fair_tables.fair_machine(
         points, elsewhere, ("AVX512", "AVX2"), "knowledge")
     with pytest.raises(ValueError, match="nothing was changed"):

@@ -433,5 +433,6 @@ TABLES |= {name: (lambda make=make: make(points("fair"))) for name, make in fair
 TABLES |= {f"fair_machine_{test_set}": (lambda test_set=test_set: fair_tables.fair_machine(
     points("fair"), points("fair_machine"), (about("fair")["cpu_capability"], about("fair_machine")["cpu_capability"]),
     test_set)) for test_set in ("ood_test", "knowledge")}
+TABLES["fair_machine_lr"] = lambda: fair_tables.fair_lr(points("fair_machine"))  # its own sweep, its own choices
 TABLES |= {name: (lambda name=name: real_model_tables.tables(list(points("real_model")))[name])
            for name in real_model_tables.NAMES}
