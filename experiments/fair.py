@@ -24,7 +24,8 @@ dropout masks, while the kernels change gradients and scores but draw the same d
 adapters. The base is not pretrained again, so this is the fine-tune's and evaluation's share of a machine's
 effect only; for the whole of it, run the command with ATEN_CPU_CAPABILITY set in the environment, in another
 --root, with --rounding none (docs/results.md#machine-sensitivity). Prints the tables tools/report.py writes into
-the docs (fair_tables); --json writes every point and the kernels ATen ran the runs with (cpu_capability).
+the docs (fair_tables); --json writes every point and the kernels ATen ran the runs with (cpu_capability: this
+command's; runs a resumed command found finished keep whatever kernels made them).
 Resumable: a second run skips what is finished (runs.py) and only evaluates again.
 """
 import argparse

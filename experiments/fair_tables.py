@@ -6,7 +6,7 @@ tools/report.py writes them into the docs, so the two never part. Plain Python, 
 """
 import statistics
 
-from stats import mean_std, paired, table
+from stats import DataError, mean_std, paired, table
 
 FIXED = {"full": 7e-4, "LoRA": 2e-3}  # train.py's default rate and runs.KINDS's LoRA recipe's: the fixed column
 # Each kind's methods: (the sweep whose rate it chooses, the mode it answers in). TOA and TOF are full fine-tunes
@@ -31,7 +31,7 @@ def scores(points, name: str, mode: str, test_set: str = "ood_test") -> list[flo
     found = sorted((p["seed"], p["answer_match"]) for p in points
                    if p["setting"] == name and p["mode"] == mode and p["set"] == test_set)
     if not found:
-        raise ValueError(f"no point for {name!r}, {mode}, {test_set}")
+        raise DataError(f"no point for {name!r}, {mode}, {test_set}")
     return [value for _, value in found]
 
 
@@ -42,10 +42,11 @@ def sweep(points, name: str) -> list[str]:
 
 
 def methods_in(points) -> dict:
-    """METHODS, less the methods whose sweep these points do not hold (fair.py --sweeps left it out)."""
+    """METHODS, less TOA or TOF where these points hold no sweep of it (fair.py --sweeps left it out); full and
+    LoRA are always run, and points without either are not fair.py's."""
     missing = [kind for kind in METHODS if not sweep(points, kind)]
     if missing:  # (fair.py always runs both)
-        raise ValueError(f"no points of the {' and '.join(missing)} sweep")
+        raise DataError(f"no points of the {' and '.join(missing)} sweep (fair.py always runs both)")
     return {kind: {m: how for m, how in methods.items() if sweep(points, how[0])} for kind, methods in METHODS.items()}
 
 
@@ -106,7 +107,7 @@ def fair_lr(points) -> str:
             + f"\n\nood_test, mean ± sample std over {seeds} seeds; * the rate the mode chose on ood_val.")
 
 
-def moved(points, again, test_set: str = "ood_test", pooled: bool = False) -> list[list]:
+def compared_rows(points, again, test_set: str = "ood_test", pooled: bool = False) -> list[list]:
     """A row per kind and mode at its chosen rate: its scores in `points` against again(setting, mode, test_set),
     the same fine-tune made once more another way; how far the seeds moved, and TAIA's lead in each (pooled: and
     in both, each seed's mean of the two ways, so that a seed still counts once)."""
@@ -114,21 +115,25 @@ def moved(points, again, test_set: str = "ood_test", pooled: bool = False) -> li
     for kind, methods in methods_in(points).items():
         picked = {m: (chosen(points, *how), how[1]) for m, how in methods.items()}
         picked = {"base": (picked["TAIA"][0], "base"), **picked}  # (the base is the same in every setting)
-        first = {m: scores(points, *how, test_set) for m, how in picked.items()}
-        second = {m: again(*how, test_set) for m, how in picked.items()}
+        first = {m: scores(points, name, mode, test_set) for m, (name, mode) in picked.items()}
+        second = {m: again(name, mode, test_set) for m, (name, mode) in picked.items()}
         for method, (name, _) in picked.items():
             a, b = first[method], second[method]
-            moved_by = [abs(y - x) for x, y in zip(a, b)]
-            rows.append([kind if method == "base" else "", method if method == "base" else f"{method} "
-                         f"({short(rate(name))})", mean_std(a), mean_std(b), paired(b, a),
-                         f"{statistics.mean(moved_by):.1f}, {max(moved_by):.1f}",
-                         *(("-",) * (2 + pooled) if method == "TAIA" else
-                           (paired(first["TAIA"], a), paired(second["TAIA"], b))
-                           + ((paired(halfway(first["TAIA"], second["TAIA"]), halfway(a, b)),) if pooled else ()))])
+            moved_by = [abs(y - x) for x, y in zip(a, b, strict=True)]
+            if method == "TAIA":
+                leads = ["-"] * (3 if pooled else 2)
+            else:
+                leads = [paired(first["TAIA"], a), paired(second["TAIA"], b)]
+                if pooled:
+                    leads.append(paired(seed_means(first["TAIA"], second["TAIA"]), seed_means(a, b)))
+            label = method if method == "base" else f"{method} ({short(rate(name))})"
+            rows.append([kind if method == "base" else "", label, mean_std(a), mean_std(b), paired(b, a),
+                         f"{statistics.mean(moved_by):.1f}, {max(moved_by):.1f}", *leads])
     return rows
 
 
-def halfway(a: list[float], b: list[float]) -> list[float]:
+def seed_means(a: list[float], b: list[float]) -> list[float]:
+    """Each seed's mean of two runs' scores (both in seed order)."""
     return [(x + y) / 2 for x, y in zip(a, b, strict=True)]
 
 
@@ -137,7 +142,12 @@ def fair_rounding(points) -> str:
     change = next((p["setting"].split(ROUNDED)[1] for p in points if ROUNDED in p["setting"]), None)
     if change is None:
         return "No reruns with the rounding changed in this data (fair.py --rounding none)."
-    rows = moved(points, lambda name, mode, test_set: scores(points, rerun(points, name), mode, test_set))
+
+    def rerun_scores(name, mode, on):
+        if rerun(points, name) is None:
+            raise DataError(f"no rerun of {name!r} with the rounding changed ({change}): the reruns are incomplete")
+        return scores(points, rerun(points, name), mode, on)
+    rows = compared_rows(points, rerun_scores)
     return (table(["fine-tuning", "mode (its lr)", "ood_test as run", "rounded", "rounded − as run [95% interval] "
                    "(seeds higher)", "per seed |rounded − as run|: mean, largest", "TAIA − mode as run",
                    "TAIA − mode rounded"], rows)
@@ -150,8 +160,11 @@ def fair_machine(points, elsewhere, kernels: tuple[str, str], test_set: str = "o
     bases' pretraining included, made again with ATen's kernels for another CPU (kernels: the two, as named)."""
     here, there = kernels
     if here == there:
-        raise ValueError(f"both sets of runs used the {here} kernels: nothing was changed")
-    rows = moved(points, lambda name, mode, test_set: scores(elsewhere, name, mode, test_set), test_set, pooled=True)
+        raise DataError(f"both sets of runs used the {here} kernels: nothing was changed")
+    seeds = {"first": sorted({p["seed"] for p in points}), "second": sorted({p["seed"] for p in elsewhere})}
+    if seeds["first"] != seeds["second"]:  # (scores pair the two runs by position in seed order)
+        raise DataError(f"the two sets of runs hold other seeds: {seeds['first']} and {seeds['second']}")
+    rows = compared_rows(points, lambda name, mode, on: scores(elsewhere, name, mode, on), test_set, pooled=True)
     return (table(["fine-tuning", "mode (its lr)", f"{test_set}, {here} kernels", f"{there} kernels",
                    f"{there} − {here} [95% interval] (seeds higher)", "per seed |difference|: mean, largest",
                    f"TAIA − mode, {here}", f"TAIA − mode, {there}", "TAIA − mode, both (each seed's mean)"], rows)

@@ -78,6 +78,7 @@ def test_a_broken_marker_is_one_line(tmp_path, broken, words):
 
 @pytest.mark.parametrize("spoil, words", [(lambda f: f.unlink(), "No such file"),
                                           (lambda f: f.write_text('{"points": ['), "Expecting"),
+                                          (lambda f: f.write_text("[]"), "no list of points"),
                                           (lambda f: f.write_text('{"points": []}'), "no points of the full and LoRA"),
                                           (lambda f: f.write_text(json.dumps({"points": [
                                               p for p in json.loads(f.read_text())["points"]

@@ -9,6 +9,7 @@ answer match) and returns the markdown. This program rewrites exactly the text b
 else, so no number in a table is typed by hand, and tests/test_report.py fails when a page and its data part.
 """
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def render(text: str, where: str) -> tuple[str, list[str]]:
             raise UserError(f"{where}: no table named {name!r} (tools/report.py knows {', '.join(TABLES)})")
         try:
             new = TABLES[name]() + "\n"
-        except (OSError, ValueError, KeyError) as e:  # its docs/*.json missing, not JSON, or without its points
+        except (OSError, json.JSONDecodeError, tables.DataError) as e:  # its docs/*.json missing, not JSON, short
             raise UserError(f"{where}: table {name}: {e}") from None
         if new != old:
             changed.append(name)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 import fair_tables  # noqa: E402 (fair.json's tables: experiments/fair.py prints the same ones)
 import real_model_tables  # noqa: E402 (real_model.json's tables: experiments/real_model.py prints the same ones)
 from common import UserError  # noqa: E402
-from stats import detectable, mean_std, paired, table  # noqa: E402
+from stats import DataError, detectable, mean_std, paired, table  # noqa: E402
 
 DOCS = REPO / "docs"
 
@@ -35,7 +35,17 @@ def read_from(docs: Path):
 def about(name: str) -> dict:
     """docs/NAME.json whole: its points and what the experiment wrote beside them (fair.py: cpu_capability)."""
     with open(DOCS / f"{name}.json") as f:
-        return json.load(f)
+        document = json.load(f)
+    if not (isinstance(document, dict) and isinstance(document.get("points"), list)):
+        raise DataError(f"docs/{name}.json: not an experiment's JSON (no list of points)")
+    return document
+
+
+def kernels(name: str) -> str:
+    """The CPU kernels ATen ran docs/NAME.json's runs with, as fair.py records them."""
+    if "cpu_capability" not in about(name):
+        raise DataError(f"docs/{name}.json does not say which CPU kernels its runs used (cpu_capability)")
+    return about(name)["cpu_capability"]
 
 
 def points(name: str) -> tuple:
@@ -431,8 +441,8 @@ TABLES |= {f"{name}_{kind.lower()}": (lambda name=name, kind=kind: curve(name, k
            for name in ("ood_share", "ood_added", "data_scale") for kind in ("full", "LoRA")}
 TABLES |= {name: (lambda make=make: make(points("fair"))) for name, make in fair_tables.TABLES.items()}
 TABLES |= {f"fair_machine_{test_set}": (lambda test_set=test_set: fair_tables.fair_machine(
-    points("fair"), points("fair_machine"), (about("fair")["cpu_capability"], about("fair_machine")["cpu_capability"]),
-    test_set)) for test_set in ("ood_test", "knowledge")}
+    points("fair"), points("fair_machine"), (kernels("fair"), kernels("fair_machine")), test_set))
+    for test_set in ("ood_test", "knowledge")}
 TABLES["fair_machine_lr"] = lambda: fair_tables.fair_lr(points("fair_machine"))  # its own sweep, its own choices
 TABLES |= {name: (lambda name=name: real_model_tables.tables(list(points("real_model")))[name])
            for name in real_model_tables.NAMES}
