@@ -15,6 +15,7 @@ class DataError(ValueError):
     """Points that cannot make the table asked of them (a missing point, sweep or seed, or too few seeds):
     tools/report.py says it in one line, where any other error is our bug and a traceback."""
 
+
 # t_{0.975, df}: the two-sided 95% quantile of Student's t for df = 1 .. 30 (from any t table; scipy's
 # t.ppf(0.975, df) gives the same to three decimals). Above 30, t_quantile's series is as close.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
